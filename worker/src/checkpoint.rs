@@ -1,0 +1,315 @@
+//! Checkpoints on disk in either layout: tensor naming, the RoPE row permutation,
+//! and sliced, memory-mapped access for one tensor-parallel rank.
+//!
+//! Internal convention: RoPE rotates `(x[i], x[i + d/2])` (rotate-half). Hugging Face
+//! checkpoints already store `wq`/`wk` rows in that order; Mistral checkpoints rotate
+//! interleaved pairs `(x[2i], x[2i+1])`, so their `wq`/`wk` rows are permuted within
+//! each head at load time ([`interleaved_to_half`]) and back when written
+//! ([`half_to_interleaved`]).
+//!
+//! Invariant: a rank reads only its own slices (whole heads / rows / columns), so no
+//! process ever materialises the full 44.5 GB model.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use crate::config::{CheckpointFormat, ModelConfig};
+use crate::safetensors_io::{MappedFile, StoredTensor};
+use crate::WorkerError;
+
+/// One parameter tensor of the model, named independently of the layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Param {
+    Embed,
+    Wq(usize),
+    Wk(usize),
+    Wv(usize),
+    Wo(usize),
+    W1(usize),
+    W2(usize),
+    W3(usize),
+    AttnNorm(usize),
+    FfnNorm(usize),
+    Norm,
+    Output,
+}
+
+impl Param {
+    /// Every parameter in checkpoint order.
+    pub fn all(cfg: &ModelConfig) -> Vec<Param> {
+        let mut v = vec![Param::Embed];
+        for l in 0..cfg.n_layers {
+            v.extend([
+                Param::AttnNorm(l),
+                Param::Wq(l),
+                Param::Wk(l),
+                Param::Wv(l),
+                Param::Wo(l),
+                Param::FfnNorm(l),
+                Param::W1(l),
+                Param::W2(l),
+                Param::W3(l),
+            ]);
+        }
+        v.extend([Param::Norm, Param::Output]);
+        v
+    }
+
+    /// The tensor's name in the given layout.
+    pub fn name(self, format: CheckpointFormat) -> String {
+        use CheckpointFormat::*;
+        match (self, format) {
+            (Param::Embed, Mistral) => "tok_embeddings.weight".into(),
+            (Param::Embed, Hf) => "model.embed_tokens.weight".into(),
+            (Param::Norm, Mistral) => "norm.weight".into(),
+            (Param::Norm, Hf) => "model.norm.weight".into(),
+            (Param::Output, Mistral) => "output.weight".into(),
+            (Param::Output, Hf) => "lm_head.weight".into(),
+            (Param::Wq(l), Mistral) => format!("layers.{l}.attention.wq.weight"),
+            (Param::Wk(l), Mistral) => format!("layers.{l}.attention.wk.weight"),
+            (Param::Wv(l), Mistral) => format!("layers.{l}.attention.wv.weight"),
+            (Param::Wo(l), Mistral) => format!("layers.{l}.attention.wo.weight"),
+            (Param::W1(l), Mistral) => format!("layers.{l}.feed_forward.w1.weight"),
+            (Param::W2(l), Mistral) => format!("layers.{l}.feed_forward.w2.weight"),
+            (Param::W3(l), Mistral) => format!("layers.{l}.feed_forward.w3.weight"),
+            (Param::AttnNorm(l), Mistral) => format!("layers.{l}.attention_norm.weight"),
+            (Param::FfnNorm(l), Mistral) => format!("layers.{l}.ffn_norm.weight"),
+            (Param::Wq(l), Hf) => format!("model.layers.{l}.self_attn.q_proj.weight"),
+            (Param::Wk(l), Hf) => format!("model.layers.{l}.self_attn.k_proj.weight"),
+            (Param::Wv(l), Hf) => format!("model.layers.{l}.self_attn.v_proj.weight"),
+            (Param::Wo(l), Hf) => format!("model.layers.{l}.self_attn.o_proj.weight"),
+            (Param::W1(l), Hf) => format!("model.layers.{l}.mlp.gate_proj.weight"),
+            (Param::W2(l), Hf) => format!("model.layers.{l}.mlp.down_proj.weight"),
+            (Param::W3(l), Hf) => format!("model.layers.{l}.mlp.up_proj.weight"),
+            (Param::AttnNorm(l), Hf) => format!("model.layers.{l}.input_layernorm.weight"),
+            (Param::FfnNorm(l), Hf) => format!("model.layers.{l}.post_attention_layernorm.weight"),
+        }
+    }
+
+    /// The tensor's shape (`[out, in]` for projections).
+    pub fn shape(self, cfg: &ModelConfig) -> Vec<usize> {
+        match self {
+            Param::Embed | Param::Output => vec![cfg.vocab_size, cfg.dim],
+            Param::Wq(_) => vec![cfg.q_dim(), cfg.dim],
+            Param::Wk(_) | Param::Wv(_) => vec![cfg.kv_dim(), cfg.dim],
+            Param::Wo(_) => vec![cfg.dim, cfg.q_dim()],
+            Param::W1(_) | Param::W3(_) => vec![cfg.hidden_dim, cfg.dim],
+            Param::W2(_) => vec![cfg.dim, cfg.hidden_dim],
+            Param::AttnNorm(_) | Param::FfnNorm(_) | Param::Norm => vec![cfg.dim],
+        }
+    }
+
+    /// Whether RoPE is applied to this projection's output (its rows depend on the convention).
+    pub fn is_rotary(self) -> bool {
+        matches!(self, Param::Wq(_) | Param::Wk(_))
+    }
+}
+
+/// Reorders the rows of whole heads from interleaved-pair order to rotate-half order:
+/// rotate-half row `j·d/2 + i` is interleaved row `2i + j`.
+pub fn interleaved_to_half(w: &[f32], head_dim: usize, row_len: usize) -> Vec<f32> {
+    permute_head_rows(w, head_dim, row_len, |r| {
+        2 * (r % (head_dim / 2)) + r / (head_dim / 2)
+    })
+}
+
+/// The inverse of [`interleaved_to_half`].
+pub fn half_to_interleaved(w: &[f32], head_dim: usize, row_len: usize) -> Vec<f32> {
+    permute_head_rows(w, head_dim, row_len, |r| (r % 2) * (head_dim / 2) + r / 2)
+}
+
+/// `out` row `r` of each head = `w` row `src(r)` of the same head.
+fn permute_head_rows(
+    w: &[f32],
+    head_dim: usize,
+    row_len: usize,
+    src: impl Fn(usize) -> usize,
+) -> Vec<f32> {
+    let mut out = vec![0f32; w.len()];
+    for (oh, wh) in out
+        .chunks_exact_mut(head_dim * row_len)
+        .zip(w.chunks_exact(head_dim * row_len))
+    {
+        for r in 0..head_dim {
+            let s = src(r);
+            oh[r * row_len..(r + 1) * row_len].copy_from_slice(&wh[s * row_len..(s + 1) * row_len]);
+        }
+    }
+    out
+}
+
+/// An opened checkpoint directory: its config, layout and memory-mapped files.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    pub format: CheckpointFormat,
+    files: Vec<MappedFile>,
+    /// Tensor name → index into `files`.
+    index: HashMap<String, usize>,
+}
+
+impl Checkpoint {
+    /// Opens a checkpoint in either layout; parses headers only.
+    pub fn open(dir: &Path) -> Result<Self, WorkerError> {
+        let (config, format) = ModelConfig::from_dir(dir)?;
+        let paths = match format {
+            CheckpointFormat::Mistral => Self::mistral_files(dir)?,
+            CheckpointFormat::Hf => Self::hf_files(dir)?,
+        };
+        let files = paths
+            .iter()
+            .map(|p| MappedFile::open(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut index = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            for name in f.names() {
+                index.insert(name, i);
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            format,
+            files,
+            index,
+        })
+    }
+
+    fn mistral_files(dir: &Path) -> Result<Vec<PathBuf>, WorkerError> {
+        let single = dir.join("consolidated.safetensors");
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| WorkerError::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                n.starts_with("consolidated") && n.ends_with(".safetensors")
+            })
+            .collect();
+        found.sort();
+        if found.is_empty() {
+            return Err(WorkerError::Checkpoint(format!(
+                "{}: params.json found but no consolidated.safetensors",
+                dir.display()
+            )));
+        }
+        Ok(found)
+    }
+
+    fn hf_files(dir: &Path) -> Result<Vec<PathBuf>, WorkerError> {
+        let index = dir.join("model.safetensors.index.json");
+        if index.is_file() {
+            let text = std::fs::read_to_string(&index).map_err(|e| WorkerError::io(&index, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| WorkerError::Checkpoint(format!("{}: {e}", index.display())))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| {
+                    WorkerError::Checkpoint(format!("{}: missing 'weight_map'", index.display()))
+                })?;
+            let mut files: Vec<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect();
+            files.sort();
+            files.dedup();
+            return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+        }
+        let single = dir.join("model.safetensors");
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
+        Err(WorkerError::Checkpoint(format!(
+            "{}: config.json found but neither model.safetensors.index.json nor model.safetensors",
+            dir.display()
+        )))
+    }
+
+    /// The stored tensor for `p`, checked against the shape the config implies.
+    pub fn tensor(&self, p: Param) -> Result<StoredTensor<'_>, WorkerError> {
+        let name = p.name(self.format);
+        let expected = p.shape(&self.config);
+        let missing = || {
+            WorkerError::Checkpoint(format!(
+                "missing tensor {name} (expected shape {expected:?}) in {}",
+                self.dir.display()
+            ))
+        };
+        let file = self.index.get(&name).ok_or_else(missing)?;
+        let t = self.files[*file].get(&name)?.ok_or_else(missing)?;
+        if t.shape != expected.as_slice() {
+            return Err(WorkerError::Checkpoint(format!(
+                "tensor {name} has shape {:?}, expected {expected:?}",
+                t.shape
+            )));
+        }
+        Ok(t)
+    }
+
+    /// Rows `rows` of `p` as f32, in the internal (rotate-half) convention. For
+    /// rotary projections the range must cover whole heads.
+    pub fn load_rows(&self, p: Param, rows: Range<usize>) -> Result<Vec<f32>, WorkerError> {
+        let t = self.tensor(p)?;
+        let w = t.rows(rows);
+        if p.is_rotary() && self.format == CheckpointFormat::Mistral {
+            Ok(interleaved_to_half(
+                &w,
+                self.config.head_dim,
+                self.config.dim,
+            ))
+        } else {
+            Ok(w)
+        }
+    }
+
+    /// Columns `cols` of `p` as a `[rows, cols.len()]` f32 matrix.
+    pub fn load_cols(&self, p: Param, cols: Range<usize>) -> Result<Vec<f32>, WorkerError> {
+        Ok(self.tensor(p)?.cols(cols))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_permutations_are_inverse_and_match_the_hf_formula() {
+        let (heads, d, row) = (2, 8, 3);
+        let w: Vec<f32> = (0..heads * d * row).map(|i| i as f32).collect();
+        let half = interleaved_to_half(&w, d, row);
+        assert_eq!(half_to_interleaved(&half, d, row), w);
+        // HF: w.view(h, d/2, 2, in).transpose(1, 2).reshape(h*d, in): row (h, j, i) ← (h, i, j).
+        for h in 0..heads {
+            for j in 0..2 {
+                for i in 0..d / 2 {
+                    let hf_row = h * d + j * d / 2 + i;
+                    let mi_row = h * d + 2 * i + j;
+                    assert_eq!(
+                        half[hf_row * row..(hf_row + 1) * row],
+                        w[mi_row * row..(mi_row + 1) * row]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn names_differ_per_layout_and_are_unique() {
+        let cfg = ModelConfig::tiny();
+        for f in [CheckpointFormat::Mistral, CheckpointFormat::Hf] {
+            let mut names: Vec<String> = Param::all(&cfg).iter().map(|p| p.name(f)).collect();
+            let n = names.len();
+            names.sort();
+            names.dedup();
+            assert_eq!(names.len(), n);
+        }
+        assert_eq!(
+            Param::W1(3).name(CheckpointFormat::Hf),
+            "model.layers.3.mlp.gate_proj.weight"
+        );
+    }
+}

@@ -1,0 +1,125 @@
+//! A tensor-parallel group whose ranks are threads of this process, sharing an
+//! in-memory collective: the TP-invariance tests and `stral serve`'s offline
+//! preview run the real sharded math through it.
+//!
+//! Costs: one scoped thread per rank per step; the all-reduces are memcpy + sum.
+
+use crate::checkpoint::Checkpoint;
+use crate::collective::{Collective, LocalCollective};
+use crate::model::{CpuModel, RankWeights, SeqChunk, ShardSpec, StepInput};
+use crate::WorkerError;
+
+/// `tp` ranks of one model, each with its own KV cache of `num_blocks` blocks.
+pub struct LocalTpGroup {
+    ranks: Vec<(CpuModel, LocalCollective)>,
+    block_size: usize,
+}
+
+impl LocalTpGroup {
+    pub fn load(
+        ckpt: &Checkpoint,
+        tp: usize,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self, WorkerError> {
+        ckpt.config.check_tp(tp)?;
+        let colls = LocalCollective::group(tp);
+        let ranks = colls
+            .into_iter()
+            .enumerate()
+            .map(|(rank, c)| {
+                Ok((
+                    CpuModel::new(
+                        RankWeights::load(ckpt, ShardSpec { tp, rank }, false)?,
+                        num_blocks,
+                        block_size,
+                    ),
+                    c,
+                ))
+            })
+            .collect::<Result<Vec<_>, WorkerError>>()?;
+        Ok(Self { ranks, block_size })
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn sliding_window(&self) -> Option<u32> {
+        self.ranks[0].0.config().sliding_window
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.ranks[0].0.config().vocab_size
+    }
+
+    /// Runs one step on every rank; returns rank 0's logits.
+    pub fn forward(&mut self, step: &StepInput) -> Result<Vec<f32>, WorkerError> {
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .ranks
+                .iter_mut()
+                .map(|(model, coll)| {
+                    s.spawn(move || model.forward(step, coll as &mut dyn Collective))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("rank thread panicked"))
+                .collect()
+        });
+        let mut logits = None;
+        for r in results {
+            if let Some(l) = r? {
+                logits = Some(l);
+            }
+        }
+        logits.ok_or_else(|| WorkerError::Collective("rank 0 returned no logits".into()))
+    }
+
+    /// Greedy decoding of one sequence occupying blocks `0, 1, 2, …`: the prompt is
+    /// fed in chunks of `chunk` tokens, then `n_new` tokens are generated. Returns the
+    /// generated ids and the logits of every sampled step.
+    pub fn generate_greedy(
+        &mut self,
+        prompt: &[u32],
+        n_new: usize,
+        chunk: usize,
+    ) -> Result<(Vec<u32>, Vec<Vec<f32>>), WorkerError> {
+        let total = prompt.len() + n_new;
+        let table: Vec<u32> = (0..total.div_ceil(self.block_size) as u32).collect();
+        let vocab = self.vocab_size();
+        let mut cached = 0;
+        let mut out = Vec::new();
+        let mut all_logits = Vec::new();
+        let mut pending: Vec<u32> = prompt.to_vec();
+        while out.len() < n_new {
+            let take = if cached < prompt.len() {
+                chunk.min(prompt.len() - cached)
+            } else {
+                pending.len()
+            };
+            let tokens: Vec<u32> = pending.drain(..take).collect();
+            let sample = cached + take >= prompt.len();
+            let step = StepInput::build(
+                self.block_size,
+                self.sliding_window(),
+                &[SeqChunk {
+                    block_table: &table,
+                    cached,
+                    tokens: &tokens,
+                    sample,
+                }],
+            );
+            let logits = self.forward(&step)?;
+            cached += take;
+            if sample {
+                let next = kernels::reference::argmax_rows(&logits, vocab)[0];
+                out.push(next);
+                pending.push(next);
+                all_logits.push(logits);
+            }
+        }
+        Ok((out, all_logits))
+    }
+}

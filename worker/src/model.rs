@@ -1,0 +1,414 @@
+//! The Mistral forward pass on CPU in f32 over a paged KV cache, for one
+//! tensor-parallel rank (the reference backend).
+//!
+//! Sharding (Megatron): `wq|wk|wv` fused and split by heads, `w1|w3` fused and split
+//! by rows (column-parallel); `wo` and `w2` split by columns (row-parallel) and
+//! followed by an all-reduce; the embedding is replicated; `lm_head` is
+//! vocab-parallel and its logits are gathered on rank 0.
+//!
+//! A step is a batch of sequences, each contributing any number of new tokens
+//! (prefill chunks and decodes mixed); [`StepInput`] carries the tokens, the
+//! per-step attention metadata computed once and reused by every layer, and the rows
+//! that need logits. Costs per step: `2·params/TP` FLOPs per token plus attention;
+//! two all-reduces of `[n_tokens, dim]` per layer and one gather of the logits rows.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use kernels::reference::{self as ops, AttnMeta, KvLayout};
+
+use crate::checkpoint::{Checkpoint, Param};
+use crate::collective::Collective;
+use crate::config::ModelConfig;
+use crate::WorkerError;
+
+/// Which slice of the model a rank holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardSpec {
+    pub tp: usize,
+    pub rank: usize,
+}
+
+impl Default for ShardSpec {
+    fn default() -> Self {
+        Self { tp: 1, rank: 0 }
+    }
+}
+
+/// Per-rank sizes derived from the config and the shard.
+#[derive(Clone, Copy, Debug)]
+struct Local {
+    heads: usize,
+    kv_heads: usize,
+    ffn: usize,
+    vocab: usize,
+}
+
+impl Local {
+    fn new(cfg: &ModelConfig, shard: ShardSpec) -> Self {
+        Self {
+            heads: cfg.n_heads / shard.tp,
+            kv_heads: cfg.n_kv_heads / shard.tp,
+            ffn: cfg.hidden_dim / shard.tp,
+            vocab: cfg.vocab_size / shard.tp,
+        }
+    }
+}
+
+/// One layer's weights for one rank, f32.
+pub struct LayerWeights {
+    pub attn_norm: Vec<f32>,
+    pub ffn_norm: Vec<f32>,
+    /// `[(heads + 2·kv_heads)·head_dim, dim]`: this rank's q, k and v rows.
+    pub wqkv: Vec<f32>,
+    /// `[dim, heads·head_dim]`: this rank's columns of `wo`.
+    pub wo: Vec<f32>,
+    /// `[2·ffn, dim]`: this rank's gate rows then up rows.
+    pub w13: Vec<f32>,
+    /// `[dim, ffn]`: this rank's columns of `w2`.
+    pub w2: Vec<f32>,
+}
+
+/// All weights of one rank, f32.
+pub struct RankWeights {
+    pub config: ModelConfig,
+    pub shard: ShardSpec,
+    /// `[vocab, dim]`, replicated.
+    pub embed: Vec<f32>,
+    pub layers: Vec<LayerWeights>,
+    pub norm: Vec<f32>,
+    /// `[vocab/tp, dim]`: this rank's vocabulary rows.
+    pub lm_head: Vec<f32>,
+}
+
+impl RankWeights {
+    /// Loads this rank's slices from a checkpoint, converting to f32 and to the
+    /// internal RoPE convention. `progress` shows one tick per tensor.
+    pub fn load(ckpt: &Checkpoint, shard: ShardSpec, progress: bool) -> Result<Self, WorkerError> {
+        let cfg = &ckpt.config;
+        cfg.check_tp(shard.tp)?;
+        if shard.rank >= shard.tp {
+            return Err(WorkerError::Config(format!(
+                "rank {} is outside a TP group of {}",
+                shard.rank, shard.tp
+            )));
+        }
+        let l = Local::new(cfg, shard);
+        let r = shard.rank;
+        let hd = cfg.head_dim;
+        let bar = if progress {
+            ProgressBar::new(Param::all(cfg).len() as u64)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template("loading rank {msg} [{bar:40}] {pos}/{len} tensors")
+                .expect("template"),
+        );
+        bar.set_message(format!("{r}/{}", shard.tp));
+        let rows = |p: Param, per: usize| {
+            bar.inc(1);
+            ckpt.load_rows(p, r * per..(r + 1) * per)
+        };
+        let cols = |p: Param, per: usize| {
+            bar.inc(1);
+            ckpt.load_cols(p, r * per..(r + 1) * per)
+        };
+        let full = |p: Param, n: usize| {
+            bar.inc(1);
+            ckpt.load_rows(p, 0..n)
+        };
+        let embed = full(Param::Embed, cfg.vocab_size)?;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let mut wqkv = rows(Param::Wq(i), l.heads * hd)?;
+            wqkv.extend(rows(Param::Wk(i), l.kv_heads * hd)?);
+            wqkv.extend(rows(Param::Wv(i), l.kv_heads * hd)?);
+            let mut w13 = rows(Param::W1(i), l.ffn)?;
+            w13.extend(rows(Param::W3(i), l.ffn)?);
+            layers.push(LayerWeights {
+                attn_norm: full(Param::AttnNorm(i), cfg.dim)?,
+                ffn_norm: full(Param::FfnNorm(i), cfg.dim)?,
+                wqkv,
+                wo: cols(Param::Wo(i), l.heads * hd)?,
+                w13,
+                w2: cols(Param::W2(i), l.ffn)?,
+            });
+        }
+        let norm = full(Param::Norm, cfg.dim)?;
+        let lm_head = rows(Param::Output, l.vocab)?;
+        bar.finish_and_clear();
+        Ok(Self {
+            config: cfg.clone(),
+            shard,
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+}
+
+/// One step's work for the model (identical on every rank).
+#[derive(Clone, Debug, Default)]
+pub struct StepInput {
+    /// New token ids of every scheduled sequence, concatenated in sequence order.
+    pub tokens: Vec<u32>,
+    /// Attention metadata; `meta.q_indptr` splits `tokens` by sequence.
+    pub meta: AttnMeta,
+    /// Batch rows whose logits are wanted (typically each sequence's last row).
+    pub logit_rows: Vec<u32>,
+}
+
+/// A rank's model state: weights plus its slice of the paged KV cache.
+pub struct CpuModel {
+    weights: RankWeights,
+    local: Local,
+    layout: KvLayout,
+    /// Per layer: (K cache, V cache).
+    kv: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl CpuModel {
+    /// Allocates `num_blocks` KV blocks of `block_size` tokens for every layer.
+    pub fn new(weights: RankWeights, num_blocks: usize, block_size: usize) -> Self {
+        let cfg = &weights.config;
+        let local = Local::new(cfg, weights.shard);
+        let layout = KvLayout {
+            num_blocks,
+            n_kv_heads: local.kv_heads,
+            block_size,
+            head_dim: cfg.head_dim,
+        };
+        let kv = (0..cfg.n_layers)
+            .map(|_| (vec![0f32; layout.len()], vec![0f32; layout.len()]))
+            .collect();
+        Self {
+            weights,
+            local,
+            layout,
+            kv,
+        }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.weights.config
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.layout.num_blocks
+    }
+
+    /// Bytes of KV cache one block takes on this rank (K and V, all layers, f32).
+    pub fn kv_bytes_per_block(cfg: &ModelConfig, tp: usize, block_size: usize) -> usize {
+        2 * cfg.n_layers * (cfg.n_kv_heads / tp) * block_size * cfg.head_dim * 4
+    }
+
+    /// Rejects a step this rank cannot execute, naming the problem.
+    pub fn validate(&self, step: &StepInput) -> Result<(), WorkerError> {
+        let m = &step.meta;
+        let cfg = &self.weights.config;
+        let n_seqs = m.ctx_lens.len();
+        if m.block_size != self.layout.block_size {
+            return Err(WorkerError::Step(format!(
+                "block_size {} but the cache uses {}",
+                m.block_size, self.layout.block_size
+            )));
+        }
+        if m.q_indptr.len() != n_seqs + 1
+            || m.q_indptr.first() != Some(&0)
+            || m.q_indptr.windows(2).any(|w| w[0] > w[1])
+        {
+            return Err(WorkerError::Step("q_indptr must start at 0, be non-decreasing and have one entry per sequence plus one".into()));
+        }
+        if m.n_tokens() != step.tokens.len() {
+            return Err(WorkerError::Step(format!(
+                "{} tokens but q_indptr covers {}",
+                step.tokens.len(),
+                m.n_tokens()
+            )));
+        }
+        if m.block_tables.len() != n_seqs * m.max_blocks {
+            return Err(WorkerError::Step(
+                "block_tables must be n_seqs × max_blocks".into(),
+            ));
+        }
+        for s in 0..n_seqs {
+            let q_len = m.q_indptr[s + 1] - m.q_indptr[s];
+            let ctx = m.ctx_lens[s] as usize;
+            if (q_len as usize) > ctx
+                || ctx > m.max_blocks * m.block_size
+                || ctx > cfg.max_position_embeddings
+            {
+                return Err(WorkerError::Step(format!("sequence {s}: context {ctx} with {q_len} new tokens does not fit its block table or the model context")));
+            }
+            let used = ctx.div_ceil(m.block_size);
+            let first = (m.window_start(ctx as u32 - q_len) as usize) / m.block_size;
+            if let Some(b) = m.block_tables[s * m.max_blocks..s * m.max_blocks + used][first..]
+                .iter()
+                .find(|&&b| b as usize >= self.layout.num_blocks)
+            {
+                return Err(WorkerError::Step(format!(
+                    "sequence {s}: block {b} is outside the cache of {} blocks",
+                    self.layout.num_blocks
+                )));
+            }
+        }
+        if let Some(t) = step.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(WorkerError::Step(format!(
+                "token id {t} is outside the vocabulary of {}",
+                cfg.vocab_size
+            )));
+        }
+        if let Some(r) = step
+            .logit_rows
+            .iter()
+            .find(|&&r| r as usize >= step.tokens.len())
+        {
+            return Err(WorkerError::Step(format!(
+                "logit row {r} is outside the batch of {} tokens",
+                step.tokens.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs one step. Returns `[logit_rows.len(), vocab]` logits on rank 0, `None`
+    /// on other ranks. Every rank of the group must run the same step.
+    pub fn forward(
+        &mut self,
+        step: &StepInput,
+        coll: &mut dyn Collective,
+    ) -> Result<Option<Vec<f32>>, WorkerError> {
+        self.validate(step)?;
+        let cfg = &self.weights.config;
+        let (dim, hd, eps) = (cfg.dim, cfg.head_dim, cfg.norm_eps);
+        let l = self.local;
+        let n = step.tokens.len();
+        let (qd, kvd) = (l.heads * hd, l.kv_heads * hd);
+        let qkv_w = qd + 2 * kvd;
+        let positions = step.meta.positions();
+        let slots = step.meta.slot_mapping();
+
+        let mut residual = vec![0f32; n * dim];
+        ops::embedding(&step.tokens, &self.weights.embed, dim, &mut residual);
+        let mut normed = vec![0f32; n * dim];
+        let mut qkv = vec![0f32; n * qkv_w];
+        let (mut q, mut k, mut v) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
+        let mut attn = vec![0f32; n * qd];
+        let mut proj = vec![0f32; n * dim];
+        let mut gu = vec![0f32; n * 2 * l.ffn];
+        let mut act = vec![0f32; n * l.ffn];
+        for (i, lw) in self.weights.layers.iter().enumerate() {
+            if i == 0 {
+                ops::rms_norm(&residual, &lw.attn_norm, eps, dim, &mut normed);
+            }
+            ops::linear(&normed, &lw.wqkv, n, dim, qkv_w, &mut qkv);
+            for t in 0..n {
+                let row = &qkv[t * qkv_w..(t + 1) * qkv_w];
+                q[t * qd..(t + 1) * qd].copy_from_slice(&row[..qd]);
+                k[t * kvd..(t + 1) * kvd].copy_from_slice(&row[qd..qd + kvd]);
+                v[t * kvd..(t + 1) * kvd].copy_from_slice(&row[qd + kvd..]);
+            }
+            ops::rope(
+                &mut q,
+                &mut k,
+                &positions,
+                l.heads,
+                l.kv_heads,
+                hd,
+                cfg.rope_theta,
+            );
+            let (kc, vc) = &mut self.kv[i];
+            ops::reshape_and_cache(&k, &v, kc, vc, &slots, self.layout);
+            ops::paged_attention(&q, kc, vc, &step.meta, l.heads, self.layout, &mut attn);
+            ops::linear(&attn, &lw.wo, n, qd, dim, &mut proj);
+            coll.all_reduce_sum(&mut proj)?;
+            ops::fused_add_rms_norm(&mut residual, &proj, &lw.ffn_norm, eps, dim, &mut normed);
+            ops::linear(&normed, &lw.w13, n, dim, 2 * l.ffn, &mut gu);
+            ops::swiglu(&gu, l.ffn, &mut act);
+            ops::linear(&act, &lw.w2, n, l.ffn, dim, &mut proj);
+            coll.all_reduce_sum(&mut proj)?;
+            let next_norm = self
+                .weights
+                .layers
+                .get(i + 1)
+                .map_or(&self.weights.norm, |nl| &nl.attn_norm);
+            ops::fused_add_rms_norm(&mut residual, &proj, next_norm, eps, dim, &mut normed);
+        }
+        let m = step.logit_rows.len();
+        let mut rows = Vec::with_capacity(m * dim);
+        for &r in &step.logit_rows {
+            rows.extend_from_slice(&normed[r as usize * dim..(r as usize + 1) * dim]);
+        }
+        let mut local_logits = vec![0f32; m * l.vocab];
+        ops::linear(
+            &rows,
+            &self.weights.lm_head,
+            m,
+            dim,
+            l.vocab,
+            &mut local_logits,
+        );
+        let tp = coll.world_size();
+        let gathered = coll.gather(&local_logits)?;
+        Ok(gathered.map(|g| {
+            // `g` is [tp][m][vocab/tp]; logits are [m][vocab].
+            let mut logits = vec![0f32; m * cfg.vocab_size];
+            for r in 0..tp {
+                for row in 0..m {
+                    let src = &g[(r * m + row) * l.vocab..(r * m + row + 1) * l.vocab];
+                    logits[row * cfg.vocab_size + r * l.vocab
+                        ..row * cfg.vocab_size + (r + 1) * l.vocab]
+                        .copy_from_slice(src);
+                }
+            }
+            logits
+        }))
+    }
+}
+
+/// One sequence's part of a step, for [`StepInput::build`].
+#[derive(Clone, Debug)]
+pub struct SeqChunk<'a> {
+    /// The sequence's whole block table (it must cover `cached + tokens.len()`).
+    pub block_table: &'a [u32],
+    /// Tokens already in the cache before this step.
+    pub cached: usize,
+    /// New tokens this step (a prompt chunk, or the last sampled token).
+    pub tokens: &'a [u32],
+    /// Whether the last new token's logits are wanted.
+    pub sample: bool,
+}
+
+impl StepInput {
+    /// Builds a step (tokens, metadata, logit rows) from per-sequence chunks.
+    pub fn build(block_size: usize, sliding_window: Option<u32>, chunks: &[SeqChunk<'_>]) -> Self {
+        let max_blocks = chunks
+            .iter()
+            .map(|c| c.block_table.len())
+            .max()
+            .unwrap_or(0);
+        let mut s = StepInput {
+            meta: AttnMeta {
+                block_size,
+                q_indptr: vec![0],
+                max_blocks,
+                sliding_window,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        for c in chunks {
+            s.tokens.extend_from_slice(c.tokens);
+            s.meta.q_indptr.push(s.tokens.len() as u32);
+            s.meta.ctx_lens.push((c.cached + c.tokens.len()) as u32);
+            s.meta.block_tables.extend_from_slice(c.block_table);
+            s.meta
+                .block_tables
+                .extend(std::iter::repeat_n(0, max_blocks - c.block_table.len()));
+            if c.sample && !c.tokens.is_empty() {
+                s.logit_rows.push(s.tokens.len() as u32 - 1);
+            }
+        }
+        s
+    }
+}

@@ -154,7 +154,7 @@ impl ModelConfig {
             hidden_dim: f.usize("intermediate_size")?,
             vocab_size: f.usize("vocab_size")?,
             norm_eps: f.opt_f32("rms_norm_eps")?.unwrap_or(1e-5),
-            rope_theta: f.opt_f32("rope_theta")?.unwrap_or(1e6),
+            rope_theta: Self::hf_rope_theta(&v)?,
             sliding_window: f.opt_usize("sliding_window")?.map(|w| w as u32),
             max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(32768),
         };
@@ -165,6 +165,39 @@ impl ModelConfig {
         }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// RoPE θ from `rope_theta` (transformers 4) or `rope_parameters.rope_theta`
+    /// (transformers 5); scaled RoPE variants are refused rather than misread.
+    fn hf_rope_theta(v: &Value) -> Result<f32, WorkerError> {
+        let top = Fields {
+            v,
+            file: "config.json",
+        }
+        .opt_f32("rope_theta")?;
+        let params = v
+            .get("rope_parameters")
+            .or_else(|| v.get("rope_scaling"))
+            .filter(|p| !p.is_null());
+        let Some(params) = params else {
+            return Ok(top.unwrap_or(1e6));
+        };
+        let kind = params
+            .get("rope_type")
+            .or_else(|| params.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        if kind != "default" {
+            return Err(WorkerError::Config(format!(
+                "config.json: rope_type '{kind}' is not supported (only default RoPE)"
+            )));
+        }
+        let nested = Fields {
+            v: params,
+            file: "config.json",
+        }
+        .opt_f32("rope_theta")?;
+        Ok(top.or(nested).unwrap_or(1e6))
     }
 
     /// Reads the config of a checkpoint directory and tells its layout.

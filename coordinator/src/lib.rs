@@ -5,3 +5,7 @@
 //! (`schedule → execute → update`) over the `scheduler` crate, gRPC clients for the
 //! workers, and Prometheus metrics. Invariant: workers only mirror block-table
 //! diffs sent from here; a worker can be restarted from scratch.
+
+pub mod detok;
+pub mod prompt;
+pub mod tokenizer;

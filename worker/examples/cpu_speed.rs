@@ -23,13 +23,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let decode_steps = 32;
         let per_seq_blocks = (prompt_len + decode_steps).div_ceil(bs);
         let mut g = LocalTpGroup::load(&ckpt, tp, seqs * per_seq_blocks, bs)?;
-        let tables: Vec<Vec<u32>> =
-            (0..seqs).map(|s| ((s * per_seq_blocks) as u32..((s + 1) * per_seq_blocks) as u32).collect()).collect();
-        let prompt: Vec<u32> = (0..prompt_len as u32).map(|i| (i * 7919 + 3) % vocab).collect();
+        let tables: Vec<Vec<u32>> = (0..seqs)
+            .map(|s| ((s * per_seq_blocks) as u32..((s + 1) * per_seq_blocks) as u32).collect())
+            .collect();
+        let prompt: Vec<u32> = (0..prompt_len as u32)
+            .map(|i| (i * 7919 + 3) % vocab)
+            .collect();
         // Prefill: every sequence's prompt, one sequence per step (warm-up: the first).
         let mut prefill_time = 0.0;
         for (s, table) in tables.iter().enumerate() {
-            let step = StepInput::build(bs, None, &[SeqChunk { block_table: table, cached: 0, tokens: &prompt, sample: true }]);
+            let step = StepInput::build(
+                bs,
+                None,
+                &[SeqChunk {
+                    block_table: table,
+                    cached: 0,
+                    tokens: &prompt,
+                    sample: true,
+                }],
+            );
             let t = Instant::now();
             g.forward(&step)?;
             if s > 0 {
@@ -37,20 +49,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         let n_prefill = (seqs - 1) * prompt_len;
-        println!("| {tp} | prefill | 1 | {n_prefill} | {prefill_time:.3} | {:.0} |", n_prefill as f64 / prefill_time);
+        println!(
+            "| {tp} | prefill | 1 | {n_prefill} | {prefill_time:.3} | {:.0} |",
+            n_prefill as f64 / prefill_time
+        );
         for batch in [1, seqs] {
             let mut cached = prompt_len;
             let t = Instant::now();
             for _ in 0..decode_steps / 2 {
                 let tok = [42u32];
-                let chunks: Vec<SeqChunk> =
-                    tables[..batch].iter().map(|tb| SeqChunk { block_table: tb, cached, tokens: &tok, sample: true }).collect();
+                let chunks: Vec<SeqChunk> = tables[..batch]
+                    .iter()
+                    .map(|tb| SeqChunk {
+                        block_table: tb,
+                        cached,
+                        tokens: &tok,
+                        sample: true,
+                    })
+                    .collect();
                 g.forward(&StepInput::build(bs, None, &chunks))?;
                 cached += 1;
             }
             let dt = t.elapsed().as_secs_f64();
             let n = batch * decode_steps / 2;
-            println!("| {tp} | decode | {batch} | {n} | {dt:.3} | {:.0} |", n as f64 / dt);
+            println!(
+                "| {tp} | decode | {batch} | {n} | {dt:.3} | {:.0} |",
+                n as f64 / dt
+            );
         }
     }
     Ok(())

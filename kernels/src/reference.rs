@@ -411,6 +411,54 @@ pub fn argmax_rows(logits: &[f32], vocab: usize) -> Vec<u32> {
         .collect()
 }
 
+/// Top-k pre-filter for sampling. Per row of `logits [n, vocab]`, scaled by
+/// `1 / temperatures[row]` (a temperature ≤ 0 means greedy: scale 1), writes the `k`
+/// largest scaled values in descending order (lower index first on ties; ordered by
+/// `f32::total_cmp`) to `values [n, k]`, their ids to `indices [n, k]`, and the
+/// log-sum-exp of the whole scaled row to `lse [n]`, so that candidate `j` has
+/// probability `exp(values[j] - lse)` under the full softmax.
+pub fn top_k_rows(
+    logits: &[f32],
+    vocab: usize,
+    k: usize,
+    temperatures: &[f32],
+    values: &mut [f32],
+    indices: &mut [u32],
+    lse: &mut [f32],
+) {
+    let n = temperatures.len();
+    assert!(k >= 1 && k <= vocab, "top_k_rows: k");
+    assert_eq!(logits.len(), n * vocab, "top_k_rows: logits");
+    assert_eq!(values.len(), n * k, "top_k_rows: values");
+    assert_eq!(indices.len(), n * k, "top_k_rows: indices");
+    assert_eq!(lse.len(), n, "top_k_rows: lse");
+    for (r, row) in logits.chunks_exact(vocab).enumerate() {
+        let t = temperatures[r];
+        let scaled: Vec<f32> = row
+            .iter()
+            .map(|&x| if t > 0.0 { x / t } else { x })
+            .collect();
+        let order = |a: &u32, b: &u32| {
+            scaled[*b as usize]
+                .total_cmp(&scaled[*a as usize])
+                .then(a.cmp(b))
+        };
+        let mut ids: Vec<u32> = (0..vocab as u32).collect();
+        if k < vocab {
+            ids.select_nth_unstable_by(k - 1, order);
+        }
+        ids.truncate(k);
+        ids.sort_unstable_by(order);
+        for (j, &id) in ids.iter().enumerate() {
+            values[r * k + j] = scaled[id as usize];
+            indices[r * k + j] = id;
+        }
+        let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = scaled.iter().map(|&v| ((v - max) as f64).exp()).sum();
+        lse[r] = max + sum.ln() as f32;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,7 +475,7 @@ mod tests {
 
     fn ramp(n: usize, seed: f32) -> Vec<f32> {
         (0..n)
-            .map(|i| ((i as f32 * 0.37 + seed).sin() * 0.5))
+            .map(|i| (i as f32 * 0.37 + seed).sin() * 0.5)
             .collect()
     }
 
@@ -516,5 +564,19 @@ mod tests {
         rms_norm(&[3.0, 4.0], &[1.0, 2.0], 0.0, 2, &mut n);
         let r = (12.5f32).sqrt();
         assert!((n[0] - 3.0 / r).abs() < 1e-6 && (n[1] - 8.0 / r).abs() < 1e-6);
+    }
+
+    #[test]
+    fn top_k_orders_by_value_then_index_and_reports_the_full_lse() {
+        let logits = [1.0, 3.0, 3.0, -1.0, 2.0, 0.0, 0.0, 5.0];
+        let (mut v, mut i, mut lse) = ([0f32; 6], [0u32; 6], [0f32; 2]);
+        top_k_rows(&logits, 4, 3, &[1.0, 0.5], &mut v, &mut i, &mut lse);
+        assert_eq!(&i[..3], &[1, 2, 0]);
+        assert_eq!(&v[..3], &[3.0, 3.0, 1.0]);
+        assert_eq!(&i[3..], &[3, 0, 1]);
+        assert_eq!(&v[3..], &[10.0, 4.0, 0.0]);
+        let full = |row: &[f32]| row.iter().map(|x| x.exp()).sum::<f32>().ln();
+        assert!((lse[0] - full(&logits[..4])).abs() < 1e-6);
+        assert!((lse[1] - full(&[4.0, 0.0, 0.0, 10.0])).abs() < 1e-5);
     }
 }

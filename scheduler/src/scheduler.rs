@@ -1,0 +1,657 @@
+//! The request queue and the batching policy: which sequences run in a step, how many
+//! tokens each computes, which blocks they get, and who is preempted.
+//!
+//! Policy of [`Scheduler::schedule`], in order:
+//! 1. release blocks that fell wholly outside the sliding window (if any);
+//! 2. running decodes, highest priority first, one token each;
+//! 3. running prefills, highest priority first, each a chunk of what remains of its
+//!    prompt, as large as the remaining token budget allows (chunked prefill);
+//! 4. unless step 2 or 3 had to preempt: waiting requests, best (aged) priority first,
+//!    each reusing every leading block the prefix cache holds and computing a chunk of
+//!    the rest.
+//!
+//! Priority is the class (interactive < chat < batch), promoted by one class per
+//! `aging_interval_us` of age, then arrival, then id: a total order, so scheduling is
+//! deterministic. When a running sequence needs a block and none is free, the
+//! lowest-priority newest running sequence is preempted by recompute (blocks freed,
+//! tokens kept, back to the front of its class's queue); when that is the sequence
+//! itself, it waits. A waiting request may preempt running ones only if they rank
+//! strictly below it, and admission stops after such a preemption. Aging bounds how
+//! long any request waits or keeps being preempted: nothing starves.
+//!
+//! Invariants: see the crate docs; in addition `running.len() <= max_num_seqs`, a
+//! sequence is in exactly one of `running` and `waiting` (by its state), and every
+//! slot listed there holds a sequence.
+//!
+//! Costs per step (measured by `benches/round.rs`): O(running) for decodes — a slot
+//! access and a few vector pushes each, no hashing — plus a sort of `running` that is
+//! linear when the order did not change; per admission one prefix-cache lookup per
+//! full prompt block; in `update`, one hash lookup per sampled token only when tokens
+//! come back out of plan order. `abort` and `preempt` are O(running + waiting) to find
+//! the sequence and O(blocks) to free it.
+
+use std::collections::VecDeque;
+
+use crate::block_pool::{BlockId, BlockPool, PrefixLink, NO_LINK, NULL_BLOCK};
+use crate::plan::{FinishReason, ScheduledSeq, StepPlan};
+use crate::sequence::{SeqState, Sequence, Sequences};
+use crate::{Priority, SchedulerConfig, SchedulerError, SeqId};
+
+/// Gauges and cumulative counts for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Counters {
+    /// Allocatable KV blocks (the null block excluded).
+    pub blocks_total: usize,
+    /// Blocks no sequence holds, cached prefixes included (they are evictable).
+    pub blocks_free: usize,
+    /// Blocks held by at least one sequence.
+    pub blocks_used: usize,
+    /// Blocks the prefix cache names, free or in use.
+    pub blocks_cached: usize,
+    /// Sequences holding blocks.
+    pub running: usize,
+    /// Sequences waiting for admission (new or preempted).
+    pub waiting: usize,
+    /// Prompt tokens served by the prefix cache at admission, since start.
+    pub prefix_hit_tokens: u64,
+    /// Tokens looked up in the prefix cache at admission, since start.
+    pub prefix_queried_tokens: u64,
+    /// Preemptions since start.
+    pub preemptions: u64,
+}
+
+impl Counters {
+    /// Fraction of looked-up tokens the prefix cache served (0 before any lookup).
+    pub fn prefix_hit_rate(&self) -> f64 {
+        if self.prefix_queried_tokens == 0 {
+            0.0
+        } else {
+            self.prefix_hit_tokens as f64 / self.prefix_queried_tokens as f64
+        }
+    }
+}
+
+/// An admitted sequence as the step loop sees it, with its priority data inline so
+/// that sorting needs no lookups.
+#[derive(Clone, Copy, Debug)]
+struct RunningSeq {
+    slot: u32,
+    id: SeqId,
+    priority: Priority,
+    arrival: u64,
+    /// Index of its entry in the step being built, or [`NO_LINK`].
+    plan_slot: u32,
+}
+
+/// Total scheduling order: smaller is served first, larger is preempted first.
+type RankKey = (i64, u64, SeqId);
+
+fn rank_key(
+    priority: Priority,
+    arrival: u64,
+    id: SeqId,
+    now: u64,
+    aging_interval_us: u64,
+) -> RankKey {
+    let waited = now.saturating_sub(arrival);
+    let promotions = if waited < aging_interval_us {
+        0
+    } else {
+        (waited / aging_interval_us).min(i64::MAX as u64) as i64
+    };
+    (priority as i64 - promotions, arrival, id)
+}
+
+/// A step under construction.
+struct StepBuilder {
+    plan: StepPlan,
+    /// Entries taken back because their sequence was preempted later in the step.
+    withdrawn: Vec<u32>,
+    budget: usize,
+    scheduled: usize,
+    preempted: bool,
+}
+
+impl StepBuilder {
+    fn push(
+        &mut self,
+        seq: &Sequence,
+        slot: u32,
+        position: usize,
+        n: usize,
+        first_new_block: usize,
+        reset: bool,
+    ) -> u32 {
+        let plan = &mut self.plan;
+        let tokens_start = plan.tokens.len() as u32;
+        plan.tokens
+            .extend_from_slice(&seq.tokens[position..position + n]);
+        let blocks_start = plan.blocks.len() as u32;
+        plan.blocks
+            .extend_from_slice(&seq.table.blocks()[first_new_block..]);
+        plan.seqs.push(ScheduledSeq {
+            seq_id: seq.id,
+            position,
+            sample: position + n == seq.tokens.len(),
+            reset,
+            tokens: (tokens_start, plan.tokens.len() as u32),
+            new_blocks: (blocks_start, plan.blocks.len() as u32),
+            slot,
+        });
+        self.budget -= n;
+        self.scheduled += 1;
+        (plan.seqs.len() - 1) as u32
+    }
+
+    /// Takes back the entry of a sequence preempted after it was scheduled.
+    fn withdraw(&mut self, plan_slot: u32) {
+        self.budget += self.plan.seqs[plan_slot as usize].num_tokens();
+        self.scheduled -= 1;
+        self.withdrawn.push(plan_slot);
+    }
+
+    fn finish(mut self) -> StepPlan {
+        if !self.withdrawn.is_empty() {
+            let mut i = 0;
+            self.plan.seqs.retain(|_| {
+                i += 1;
+                !self.withdrawn.contains(&(i - 1))
+            });
+        }
+        self.plan
+    }
+}
+
+/// Blocks needed to hold `tokens` tokens.
+fn blocks_for(tokens: usize, block_size: usize) -> usize {
+    tokens.div_ceil(block_size)
+}
+
+/// The scheduler: owns every sequence, block table and KV block.
+#[derive(Clone, Debug)]
+pub struct Scheduler {
+    config: SchedulerConfig,
+    pool: BlockPool,
+    /// Longest sequence that fits both the model and the KV cache.
+    token_limit: usize,
+    seqs: Sequences,
+    /// Admitted sequences; sorted best first by `schedule` (removals between steps
+    /// may disorder it).
+    running: Vec<RunningSeq>,
+    /// Slots of waiting sequences: one FIFO per class, indexed by `Priority as usize`.
+    waiting: [VecDeque<u32>; 3],
+    /// Ids whose worker state must be dropped, announced by the next plan.
+    pending_freed: Vec<SeqId>,
+    prefix_hit_tokens: u64,
+    prefix_queried_tokens: u64,
+    preemptions: u64,
+}
+
+impl Scheduler {
+    /// A scheduler with every block free and no requests.
+    pub fn new(config: SchedulerConfig) -> Result<Self, SchedulerError> {
+        config.validate()?;
+        let pool = BlockPool::new(config.num_blocks, config.block_size);
+        let bs = config.block_size;
+        let usable = pool.num_usable();
+        // A sequence alone must always be able to get the blocks of its next step.
+        let window_fits = config
+            .sliding_window
+            .is_some_and(|w| blocks_for(w + config.max_num_batched_tokens, bs) + 2 <= usable);
+        let cache_tokens = if window_fits { usize::MAX } else { usable * bs };
+        let token_limit = config.max_model_len.min(cache_tokens);
+        if token_limit < 2 {
+            return Err(SchedulerError::InvalidConfig(
+                "the KV cache cannot hold two tokens",
+            ));
+        }
+        Ok(Scheduler {
+            pool,
+            token_limit,
+            seqs: Sequences::default(),
+            running: Vec::with_capacity(config.max_num_seqs),
+            waiting: Default::default(),
+            pending_freed: Vec::new(),
+            prefix_hit_tokens: 0,
+            prefix_queried_tokens: 0,
+            preemptions: 0,
+            config,
+        })
+    }
+
+    /// The settings this scheduler runs with.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// The block pool, for inspection.
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    /// Longest sequence (prompt plus generated tokens) that can run: `max_model_len`,
+    /// or less when the whole KV cache holds fewer tokens.
+    pub fn token_limit(&self) -> usize {
+        self.token_limit
+    }
+
+    /// Queues a request. `now` is its arrival time (µs). `max_tokens` is clamped to
+    /// what fits after the prompt.
+    ///
+    /// Errors: [`SchedulerError::PromptTooLong`] when the prompt plus one token can
+    /// never fit, [`SchedulerError::QueueFull`] when `max_waiting` requests wait, and
+    /// the input checks `EmptyPrompt`, `ZeroMaxTokens`, `DuplicateSeq`.
+    pub fn add(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        max_tokens: usize,
+        priority: Priority,
+        now: u64,
+    ) -> Result<(), SchedulerError> {
+        if prompt.is_empty() {
+            return Err(SchedulerError::EmptyPrompt);
+        }
+        if max_tokens == 0 {
+            return Err(SchedulerError::ZeroMaxTokens);
+        }
+        if prompt.len() >= self.token_limit {
+            return Err(SchedulerError::PromptTooLong {
+                prompt_tokens: prompt.len(),
+                limit: self.token_limit - 1,
+            });
+        }
+        if self.seqs.contains(id) {
+            return Err(SchedulerError::DuplicateSeq(id));
+        }
+        if self.num_waiting() >= self.config.max_waiting {
+            return Err(SchedulerError::QueueFull);
+        }
+        let max_tokens = max_tokens.min(self.token_limit - prompt.len());
+        let slot = self.seqs.insert(Sequence::new(
+            id,
+            prompt,
+            max_tokens,
+            priority,
+            now,
+            self.config.block_size,
+        ));
+        self.waiting[priority as usize].push_back(slot);
+        Ok(())
+    }
+
+    /// Ends a sequence in any state, freeing its blocks within the call. Returns
+    /// whether the id was known. Workers learn it from the next plan's `freed`.
+    pub fn abort(&mut self, id: SeqId) -> bool {
+        let Some(slot) = self.seqs.slot_of(id) else {
+            return false;
+        };
+        self.remove(slot);
+        true
+    }
+
+    /// Preempts a running sequence by recompute: its blocks are freed now, its tokens
+    /// kept, and it waits at the front of its class. Returns whether it was running.
+    pub fn preempt(&mut self, id: SeqId) -> bool {
+        let Some(pos) = self.running.iter().position(|r| r.id == id) else {
+            return false;
+        };
+        let r = self.running.swap_remove(pos);
+        if self.requeue(r) {
+            self.pending_freed.push(id);
+        }
+        true
+    }
+
+    /// Whether a `schedule` call would produce a non-empty plan.
+    pub fn has_work(&self) -> bool {
+        !self.running.is_empty() || self.num_waiting() > 0 || !self.pending_freed.is_empty()
+    }
+
+    /// The block table of a sequence: empty while it waits; `None` for unknown ids.
+    pub fn block_table(&self, id: SeqId) -> Option<&[BlockId]> {
+        self.seqs
+            .slot_of(id)
+            .map(|slot| self.seqs.get(slot).table.blocks())
+    }
+
+    /// Gauges and counts for metrics.
+    pub fn counters(&self) -> Counters {
+        let free = self.pool.num_free();
+        Counters {
+            blocks_total: self.pool.num_usable(),
+            blocks_free: free,
+            blocks_used: self.pool.num_usable() - free,
+            blocks_cached: self.pool.num_cached(),
+            running: self.running.len(),
+            waiting: self.num_waiting(),
+            prefix_hit_tokens: self.prefix_hit_tokens,
+            prefix_queried_tokens: self.prefix_queried_tokens,
+            preemptions: self.preemptions,
+        }
+    }
+
+    /// Plans one step at time `now` (µs). Sequences in the plan count as computed
+    /// from here on: call [`Scheduler::update`] with this plan before the next
+    /// `schedule` (a sequence whose sampled token has not come back is not scheduled).
+    pub fn schedule(&mut self, now: u64) -> StepPlan {
+        let mut step = StepBuilder {
+            plan: StepPlan {
+                seqs: Vec::with_capacity(self.running.len() + 8),
+                freed: std::mem::take(&mut self.pending_freed),
+                tokens: Vec::with_capacity(self.running.len() + 64),
+                blocks: Vec::new(),
+            },
+            withdrawn: Vec::new(),
+            budget: self.config.max_num_batched_tokens,
+            scheduled: 0,
+            preempted: false,
+        };
+        if let Some(window) = self.config.sliding_window {
+            for r in &self.running {
+                self.seqs
+                    .get_mut(r.slot)
+                    .release_outside_window(window, &mut self.pool);
+            }
+        }
+        let aging = self.config.aging_interval_us;
+        self.running
+            .sort_by_key(|r| rank_key(r.priority, r.arrival, r.id, now, aging));
+        for r in &mut self.running {
+            r.plan_slot = NO_LINK;
+        }
+        self.schedule_running(&mut step, true);
+        self.schedule_running(&mut step, false);
+        if !step.preempted {
+            self.admit_waiting(&mut step, now);
+        }
+        step.finish()
+    }
+
+    /// Applies a step's results: registers the blocks it completed in the prefix
+    /// cache, appends each sampled token (`(seq, token)`; at most one per entry with
+    /// `sample`, fastest in plan order), ends the sequences in `stopped` (the caller
+    /// saw a stop condition; any state) and those that reached their length. Returns
+    /// the sequences that ended, each once; workers learn it from the next plan's
+    /// `freed`.
+    ///
+    /// Tokens for ids that are not awaiting one (aborted meanwhile, unknown) are
+    /// ignored. An entry with `sample` that gets no token recomputes its last position
+    /// in the next step.
+    pub fn update(
+        &mut self,
+        plan: &StepPlan,
+        sampled: &[(SeqId, u32)],
+        stopped: &[SeqId],
+    ) -> Vec<(SeqId, FinishReason)> {
+        let bs = self.config.block_size;
+        for entry in &plan.seqs {
+            if let Some(seq) = self.seqs.running_mut(entry.slot, entry.seq_id) {
+                seq.register_computed((entry.position + entry.num_tokens()) / bs, &mut self.pool);
+            }
+        }
+        let mut in_order = plan.seqs.iter().filter(|e| e.sample).peekable();
+        for &(id, token) in sampled {
+            let slot = match in_order.next_if(|e| e.seq_id == id) {
+                Some(entry) => Some(entry.slot),
+                None => self.seqs.slot_of(id),
+            };
+            if let Some(seq) = slot.and_then(|slot| self.seqs.running_mut(slot, id)) {
+                if seq.num_computed == seq.tokens.len() {
+                    seq.push_token(token, bs);
+                }
+            }
+        }
+        let mut finished = Vec::new();
+        for &id in stopped {
+            if let Some(slot) = self.seqs.slot_of(id) {
+                self.remove(slot);
+                finished.push((id, FinishReason::Stopped));
+            }
+        }
+        for entry in plan.seqs.iter().filter(|e| e.sample) {
+            let Some(seq) = self.seqs.running_mut(entry.slot, entry.seq_id) else {
+                continue;
+            };
+            if seq.num_computed == seq.tokens.len() {
+                seq.num_computed -= 1;
+            } else if seq.generated() >= seq.max_tokens || seq.tokens.len() >= self.token_limit {
+                self.remove(entry.slot);
+                finished.push((entry.seq_id, FinishReason::Length));
+            }
+        }
+        finished
+    }
+
+    fn num_waiting(&self) -> usize {
+        self.waiting.iter().map(VecDeque::len).sum()
+    }
+
+    /// Removes the sequence in `slot` from its queue and the slab, frees its blocks,
+    /// and schedules its worker state to be dropped.
+    fn remove(&mut self, slot: u32) {
+        let mut seq = self.seqs.remove(slot);
+        match seq.state {
+            SeqState::Running => {
+                // Order is restored by the next `schedule`'s sort.
+                let pos = self
+                    .running
+                    .iter()
+                    .position(|r| r.slot == slot)
+                    .expect("running sequence is listed");
+                self.running.swap_remove(pos);
+            }
+            SeqState::Waiting => {
+                let queue = &mut self.waiting[seq.priority as usize];
+                let pos = queue
+                    .iter()
+                    .position(|&w| w == slot)
+                    .expect("waiting sequence is queued");
+                queue.remove(pos);
+            }
+        }
+        seq.table.release_all(&mut self.pool);
+        if seq.on_workers {
+            self.pending_freed.push(seq.id);
+        }
+    }
+
+    /// Rewinds a running sequence (already taken out of `running`) and queues it at the
+    /// front of its class. Returns whether workers held state for it.
+    fn requeue(&mut self, r: RunningSeq) -> bool {
+        let seq = self.seqs.get_mut(r.slot);
+        seq.rewind(&mut self.pool);
+        self.waiting[r.priority as usize].push_front(r.slot);
+        self.preemptions += 1;
+        std::mem::take(&mut seq.on_workers)
+    }
+
+    /// Preempts the lowest-ranked running sequence during a step.
+    fn preempt_last(&mut self, step: &mut StepBuilder) {
+        let r = self.running.pop().expect("a running sequence to preempt");
+        if r.plan_slot != NO_LINK {
+            step.withdraw(r.plan_slot);
+        }
+        if self.requeue(r) {
+            step.plan.freed.push(r.id);
+        }
+        step.preempted = true;
+    }
+
+    /// Schedules running sequences in rank order: the decodes (one token left) or the
+    /// prefills (more left). A sequence that needs blocks preempts from the tail of
+    /// `running`, possibly itself.
+    fn schedule_running(&mut self, step: &mut StepBuilder, decodes: bool) {
+        let bs = self.config.block_size;
+        let mut i = 0;
+        while i < self.running.len() {
+            if step.budget == 0 || step.scheduled == self.config.max_num_seqs {
+                return;
+            }
+            let seq = self.seqs.get(self.running[i].slot);
+            let remaining = seq.tokens.len() - seq.num_computed;
+            if remaining == 0 || (remaining == 1) != decodes {
+                i += 1;
+                continue;
+            }
+            let n = remaining.min(step.budget);
+            let capacity = seq.table.len() * bs;
+            let needed = if seq.num_computed + n <= capacity {
+                0
+            } else {
+                blocks_for(seq.num_computed + n - capacity, bs)
+            };
+            while self.pool.num_free() < needed {
+                self.preempt_last(step);
+                if i == self.running.len() {
+                    // It was the lowest-ranked itself: it waits.
+                    return;
+                }
+            }
+            self.run_chunk(i, n, step);
+            i += 1;
+        }
+    }
+
+    /// Adds a chunk of `n` tokens of `running[i]` to the step, allocating its blocks
+    /// (room was made).
+    fn run_chunk(&mut self, i: usize, n: usize, step: &mut StepBuilder) {
+        let r = &mut self.running[i];
+        let seq = self.seqs.get_mut(r.slot);
+        let position = seq.num_computed;
+        let first_new = seq.table.len();
+        while seq.table.len() * self.config.block_size < position + n {
+            seq.table.push(self.pool.allocate().expect("room was made"));
+        }
+        seq.num_computed += n;
+        r.plan_slot = step.push(seq, r.slot, position, n, first_new, false);
+    }
+
+    fn waiting_rank(&self, slot: u32, now: u64) -> RankKey {
+        let seq = self.seqs.get(slot);
+        rank_key(
+            seq.priority,
+            seq.arrival,
+            seq.id,
+            now,
+            self.config.aging_interval_us,
+        )
+    }
+
+    /// The class whose first waiting request ranks best now.
+    fn best_waiting_class(&self, now: u64) -> Option<usize> {
+        (0..self.waiting.len())
+            .filter_map(|class| {
+                Some((self.waiting_rank(*self.waiting[class].front()?, now), class))
+            })
+            .min()
+            .map(|(_, class)| class)
+    }
+
+    /// The leading blocks of `seq` the prefix cache holds — at most all but the last
+    /// token, so that the step computes at least one — and the chain's link after them.
+    fn cached_prefix(&self, seq: &Sequence) -> (Vec<BlockId>, PrefixLink) {
+        let bs = self.config.block_size;
+        let max_blocks = (seq.tokens.len() - 1) / bs;
+        let mut parent = PrefixLink::ROOT;
+        let mut hits = Vec::new();
+        for (i, &hash) in seq.block_hashes.iter().take(max_blocks).enumerate() {
+            let Some((block, link)) =
+                self.pool
+                    .lookup(parent, hash, &seq.tokens[i * bs..(i + 1) * bs])
+            else {
+                break;
+            };
+            hits.push(block);
+            parent = link;
+        }
+        (hits, parent)
+    }
+
+    /// Admits waiting requests in rank order while budget, sequence slots and blocks
+    /// last. Admitted sequences join `running` at the end of the step.
+    fn admit_waiting(&mut self, step: &mut StepBuilder, now: u64) {
+        let bs = self.config.block_size;
+        let mut admitted = Vec::new();
+        while step.budget > 0 && self.running.len() + admitted.len() < self.config.max_num_seqs {
+            let Some(class) = self.best_waiting_class(now) else {
+                break;
+            };
+            let slot = self.waiting[class].pop_front().expect("class has a front");
+            let rank = self.waiting_rank(slot, now);
+            // Find the cached prefix and room for one chunk, preempting running
+            // sequences that rank below this request if blocks run out.
+            let mut preempted_for_it = false;
+            let found = loop {
+                let seq = self.seqs.get(slot);
+                let (hits, parent) = self.cached_prefix(seq);
+                let skipped = hits.len() * bs;
+                let n = (seq.tokens.len() - skipped).min(step.budget);
+                let keep_from = match self.config.sliding_window {
+                    Some(w) => ((skipped + 1).saturating_sub(w) / bs).min(hits.len()),
+                    None => 0,
+                };
+                let free_hits = hits[keep_from..]
+                    .iter()
+                    .filter(|&&b| self.pool.ref_count(b) == 0)
+                    .count();
+                let needed = blocks_for(skipped + n, bs) - hits.len() + free_hits;
+                if self.pool.num_free() >= needed {
+                    break Some((hits, parent, n, keep_from));
+                }
+                match self.running.last() {
+                    Some(last)
+                        if rank_key(
+                            last.priority,
+                            last.arrival,
+                            last.id,
+                            now,
+                            self.config.aging_interval_us,
+                        ) > rank =>
+                    {
+                        self.preempt_last(step);
+                        preempted_for_it = true;
+                    }
+                    _ => break None,
+                }
+            };
+            let Some((hits, parent, n, keep_from)) = found else {
+                self.waiting[class].push_front(slot);
+                break;
+            };
+            let seq = self.seqs.get_mut(slot);
+            let skipped = hits.len() * bs;
+            for (j, &block) in hits.iter().enumerate() {
+                if j < keep_from {
+                    seq.table.push(NULL_BLOCK);
+                } else {
+                    self.pool.acquire(block);
+                    seq.table.push(block);
+                }
+            }
+            for _ in hits.len()..blocks_for(skipped + n, bs) {
+                seq.table.push(self.pool.allocate().expect("room was made"));
+            }
+            seq.state = SeqState::Running;
+            seq.on_workers = true;
+            seq.num_computed = skipped + n;
+            seq.num_registered = hits.len();
+            seq.cache_parent = parent;
+            seq.num_released = keep_from;
+            self.prefix_hit_tokens += skipped as u64;
+            self.prefix_queried_tokens += seq.tokens.len() as u64;
+            let plan_slot = step.push(seq, slot, skipped, n, 0, true);
+            admitted.push(RunningSeq {
+                slot,
+                id: seq.id,
+                priority: seq.priority,
+                arrival: seq.arrival,
+                plan_slot,
+            });
+            if preempted_for_it {
+                break;
+            }
+        }
+        self.running.extend(admitted);
+    }
+}

@@ -3,8 +3,9 @@
 //! Owns (ARCHITECTURE §2, §3): the model config, checkpoint loading and sharding
 //! (safetensors, memory-mapped, only this rank's slices), synthetic checkpoints, the
 //! `Backend` that runs the forward pass (the CPU f32 reference here), and the
-//! `Collective` all-reduce between ranks. Invariant: a worker never owns block
-//! tables; it is handed them per step and only mirrors them.
+//! `Collective` all-reduce between ranks (in-process, and over TCP between worker
+//! processes), rank 0's sampler, and the gRPC worker service. Invariant: a worker
+//! never owns block tables; it is handed them per step and only mirrors them.
 
 pub mod checkpoint;
 pub mod collective;
@@ -13,7 +14,10 @@ pub mod embedded;
 pub mod local;
 pub mod model;
 pub mod safetensors_io;
+pub mod sampler;
+pub mod service;
 pub mod synth;
+pub mod tcp_collective;
 
 use std::path::{Path, PathBuf};
 
@@ -36,6 +40,8 @@ pub enum WorkerError {
     Collective(String),
     #[error("invalid step: {0}")]
     Step(String),
+    #[error("serving: {0}")]
+    Serve(String),
 }
 
 impl WorkerError {

@@ -2,13 +2,12 @@
 //! `serve` (coordinator), `worker` (one TP rank), `bench` (load generator),
 //! `plan` (capacity planner), `synth` (synthetic checkpoints).
 
+mod serve_cmd;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use worker::checkpoint::Checkpoint;
-use worker::local::LocalTpGroup;
 use worker::safetensors_io::StoredDtype;
 use worker::synth::{synthesize, SynthOptions};
 use worker::{CheckpointFormat, ModelConfig};
@@ -26,12 +25,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the model. With no --model, builds (once, cached) a tiny synthetic
-    /// Mistral-architecture model with the real 32768-token vocabulary and runs it on
-    /// CPU in tensor parallel.
-    Serve(ServeArgs),
+    /// Serve the HTTP API (Mistral FIM/chat, OpenAI) with tensor-parallel worker
+    /// processes. With no --model, builds (once, cached) a tiny synthetic
+    /// Mistral-architecture model with the real 32768-token vocabulary and serves it
+    /// on CPU with two ranks.
+    Serve(serve_cmd::ServeArgs),
     /// Run one tensor-parallel worker rank (started by `serve`, or by Kubernetes).
-    Worker(PendingArgs),
+    Worker(WorkerArgs),
     /// Load-test a Mistral- or OpenAI-compatible server and report latency percentiles.
     Bench(PendingArgs),
     /// Plan capacity: GPUs, TP and replicas for a workload under a latency SLO.
@@ -40,40 +40,23 @@ enum Command {
     Synth(SynthArgs),
 }
 
-#[derive(Args)]
-struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1")]
-    host: String,
-    /// Port to listen on.
-    #[arg(long, default_value_t = 8080)]
-    port: u16,
-    /// Checkpoint directory, either layout (params.json + consolidated.safetensors,
-    /// or config.json + model-*.safetensors). Default: the embedded tiny model.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Tensor-parallel ranks (1, 2, 4 or 8; must divide the kv heads).
-    #[arg(long, default_value_t = 2)]
-    tp: usize,
-    /// Where the forward pass runs.
-    #[arg(long, value_enum, default_value_t = Device::Cpu)]
-    device: Device,
-    /// Prompt token ids for the offline preview (comma-separated).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "1,1784,1070,29473,1115,1027,1032,1093"
-    )]
-    preview_tokens: Vec<u32>,
-    /// Tokens to generate in the offline preview.
-    #[arg(long, default_value_t = 32)]
-    preview_new: usize,
-}
-
 #[derive(Clone, Copy, ValueEnum)]
 enum Device {
     Cpu,
     Cuda,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// gRPC address to serve the worker protocol on (HOST:PORT; port 0 picks one and logs it).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: String,
+    /// Where the forward pass runs.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+    /// Compute threads for the forward pass (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -132,7 +115,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(a) => serve(a),
         Command::Synth(a) => synth(a),
-        Command::Worker(_) => pending("worker", "distributed runtime (gRPC workers)"),
+        Command::Worker(a) => run_worker(a),
         Command::Bench(_) => pending("bench", "benchmarking and capacity planning"),
         Command::Plan(_) => pending("plan", "benchmarking and capacity planning"),
     };
@@ -147,6 +130,18 @@ fn main() -> ExitCode {
 
 fn pending(cmd: &str, issue: &str) -> anyhow::Result<()> {
     anyhow::bail!("`stral {cmd}` is not available yet: it arrives with the {issue} work")
+}
+
+fn run_worker(a: WorkerArgs) -> anyhow::Result<()> {
+    if matches!(a.device, Device::Cuda) {
+        anyhow::bail!("--device cuda is not available yet: the CUDA worker backend arrives with its own issue");
+    }
+    worker::service::run_worker_blocking(worker::service::WorkerConfig {
+        listen: a.listen,
+        threads: a.threads,
+        ..Default::default()
+    })?;
+    Ok(())
 }
 
 fn synth(a: SynthArgs) -> anyhow::Result<()> {
@@ -179,57 +174,9 @@ fn synth(a: SynthArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Until the HTTP server lands, `serve` loads the model in tensor parallel (ranks as
-/// threads) and runs a short greedy generation, reporting its speed.
-fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    if matches!(a.device, Device::Cuda) {
-        anyhow::bail!("--device cuda is not available yet: the CUDA worker backend arrives with its own issue");
-    }
-    let dir = match a.model {
-        Some(d) => d,
-        None => worker::embedded::ensure_embedded_model()?,
-    };
-    let t0 = Instant::now();
-    let ckpt = Checkpoint::open(&dir)?;
-    ckpt.config.check_tp(a.tp)?;
-    let block_size = 16;
-    let blocks = (a.preview_tokens.len() + a.preview_new).div_ceil(block_size);
-    let mut group = LocalTpGroup::load(&ckpt, a.tp, blocks, block_size)?;
-    eprintln!(
-        "loaded {} (TP={}) in {:.2} s",
-        dir.display(),
-        a.tp,
-        t0.elapsed().as_secs_f64()
-    );
-    if let Some(t) = a
-        .preview_tokens
-        .iter()
-        .find(|&&t| t as usize >= ckpt.config.vocab_size)
-    {
-        anyhow::bail!(
-            "--preview-tokens: id {t} is outside the vocabulary of {}",
-            ckpt.config.vocab_size
-        );
-    }
-    let t1 = Instant::now();
-    let (tokens, _) =
-        group.generate_greedy(&a.preview_tokens, a.preview_new, a.preview_tokens.len())?;
-    let dt = t1.elapsed().as_secs_f64();
-    println!(
-        "{}",
-        tokens
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    eprintln!(
-        "generated {} tokens in {:.3} s ({:.1} tokens/s). The HTTP server on {}:{} is not available yet; this was an offline preview.",
-        tokens.len(),
-        dt,
-        tokens.len() as f64 / dt,
-        a.host,
-        a.port
-    );
+fn serve(a: serve_cmd::ServeArgs) -> anyhow::Result<()> {
+    let config = a.into_config()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(coordinator::serve::serve(config))?;
     Ok(())
 }

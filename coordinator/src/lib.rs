@@ -1,11 +1,16 @@
 //! The coordinator: one process that owns every block table.
 //!
-//! Will own (ARCHITECTURE §1, §7): the HTTP API (Mistral FIM/chat, OpenAI), auth,
+//! Owns (ARCHITECTURE §1, §7): the HTTP API (Mistral FIM/chat, OpenAI), auth,
 //! the Codestral tokenizer and prompt templates, the engine loop
 //! (`schedule → execute → update`) over the `scheduler` crate, gRPC clients for the
 //! workers, and Prometheus metrics. Invariant: workers only mirror block-table
 //! diffs sent from here; a worker can be restarted from scratch.
 
 pub mod detok;
+pub mod engine;
+pub mod http;
+pub mod launch;
+pub mod metrics;
 pub mod prompt;
+pub mod serve;
 pub mod tokenizer;

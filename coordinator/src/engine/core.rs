@@ -1,0 +1,372 @@
+//! The engine loop task: owns the scheduler and the executor; applies commands
+//! between steps; `schedule → execute → update`; fans tokens out to requests.
+//!
+//! Costs per step, beyond the executor: one scheduler round (O(running) plus O(1) per
+//! block), one channel send per sampled token, and a stats snapshot under a mutex.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use scheduler::{Scheduler, SchedulerConfig, SchedulerError};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::api::{EngineError, EngineEvent, FinishReason, GenerateRequest, RequestId, TokenEvent};
+use super::executor::{ExecError, Executor, GroupFacts, Sampled, SeqWork, WorkPlan};
+use super::{Command, EngineHandle, Shared};
+use crate::metrics::Histogram;
+
+/// Engine settings (the scheduler's own live in [`SchedulerConfig`]).
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Scheduler settings; `num_blocks`/`block_size` are overwritten by what the
+    /// workers report.
+    pub scheduler: SchedulerConfig,
+    /// Pause between attempts to (re)initialize a failed worker group.
+    pub restart_backoff: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            scheduler: SchedulerConfig::default(),
+            restart_backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Starts the engine loop on the current tokio runtime.
+pub fn run_engine<E: Executor>(
+    executor: E,
+    config: EngineConfig,
+) -> (EngineHandle, JoinHandle<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let step_time = Arc::new(Histogram::default());
+    let handle = EngineHandle::new(tx, step_time.clone());
+    let shared = handle.shared().clone();
+    // The loop must not keep the command channel alive: it ends when every handle is gone.
+    let task = tokio::spawn(async move {
+        let mut engine = Engine {
+            exec: executor,
+            config,
+            shared,
+            rx,
+            step_time,
+            requests: HashMap::new(),
+            steps: 0,
+        };
+        engine.run().await;
+    });
+    (handle, task)
+}
+
+/// A request the engine is serving.
+struct Live {
+    events: mpsc::UnboundedSender<EngineEvent>,
+    request: GenerateRequest,
+    generated: u32,
+    /// Prompt tokens the prefix cache served at first admission.
+    cached: Option<u32>,
+}
+
+struct Engine<E: Executor> {
+    exec: E,
+    config: EngineConfig,
+    shared: Arc<Shared>,
+    rx: mpsc::UnboundedReceiver<Command>,
+    step_time: Arc<Histogram>,
+    requests: HashMap<RequestId, Live>,
+    steps: u64,
+}
+
+/// Why serving stopped.
+enum Stop {
+    /// Every handle is gone.
+    Closed,
+    /// The worker group failed; re-initialize.
+    WorkersLost(ExecError),
+}
+
+impl<E: Executor> Engine<E> {
+    async fn run(&mut self) {
+        loop {
+            let facts = match self.exec.init().await {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::error!(error = %e, "worker group initialization failed; retrying");
+                    if self.refuse_while_down(&e.to_string()).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            tracing::info!(
+                blocks = facts.num_blocks,
+                block_size = facts.block_size,
+                max_context = facts.max_context,
+                "worker group ready"
+            );
+            let mut sched = match Scheduler::new(self.scheduler_config(&facts)) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "the worker group's facts give an invalid scheduler configuration");
+                    if self.refuse_while_down(&e.to_string()).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            self.shared
+                .max_context
+                .store(facts.max_context, Ordering::Release);
+            self.shared.ready.store(true, Ordering::Release);
+            let stop = self.serve(&mut sched).await;
+            self.shared.ready.store(false, Ordering::Release);
+            match stop {
+                Stop::Closed => return,
+                Stop::WorkersLost(e) => {
+                    tracing::error!(error = %e, in_flight = self.requests.len(), "worker group lost; failing in-flight requests");
+                    let msg = e.to_string();
+                    for (_, live) in self.requests.drain() {
+                        let _ = live
+                            .events
+                            .send(EngineEvent::Failed(EngineError::Unavailable(msg.clone())));
+                    }
+                    self.publish_stats(&sched);
+                }
+            }
+        }
+    }
+
+    fn scheduler_config(&self, facts: &GroupFacts) -> SchedulerConfig {
+        SchedulerConfig {
+            num_blocks: facts.num_blocks,
+            block_size: facts.block_size,
+            max_model_len: facts.max_context,
+            sliding_window: facts.sliding_window.map(|w| w as usize),
+            ..self.config.scheduler.clone()
+        }
+    }
+
+    /// While no worker group is up, answer submits with 503 for one backoff period.
+    /// Returns true when every handle is gone.
+    async fn refuse_while_down(&mut self, why: &str) -> bool {
+        let deadline = tokio::time::Instant::now() + self.config.restart_backoff;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Err(_) => return false,
+                Ok(None) => return true,
+                Ok(Some(Command::Submit { ack, .. })) => {
+                    let _ = ack.send(Err(EngineError::Unavailable(why.to_string())));
+                }
+                Ok(Some(Command::Abort(_))) => {}
+            }
+        }
+    }
+
+    async fn serve(&mut self, sched: &mut Scheduler) -> Stop {
+        loop {
+            // Apply queued commands; when idle, wait for one.
+            if !sched.has_work() {
+                self.publish_stats(sched);
+                match self.rx.recv().await {
+                    Some(cmd) => self.apply(sched, cmd),
+                    None => return Stop::Closed,
+                }
+            }
+            while let Ok(cmd) = self.rx.try_recv() {
+                self.apply(sched, cmd);
+            }
+            let started = Instant::now();
+            let plan = sched.schedule(self.now());
+            let work = self.work_plan(&plan);
+            if work.seqs.is_empty() && work.freed.is_empty() {
+                // Nothing runnable right now (e.g. waiting for blocks): wait for a command
+                // rather than spin.
+                if let Ok(Some(cmd)) =
+                    tokio::time::timeout(Duration::from_millis(5), self.rx.recv()).await
+                {
+                    self.apply(sched, cmd);
+                }
+                continue;
+            }
+            let sampled = match self.exec.execute(&work).await {
+                Ok(s) => s,
+                Err(e @ ExecError::Rejected { .. }) => {
+                    // A plan the workers cannot run is our bug: fail its sequences, keep serving.
+                    tracing::error!(error = %e, "step rejected");
+                    for s in &work.seqs {
+                        sched.abort(s.seq_id);
+                        if let Some(live) = self.requests.remove(&s.seq_id) {
+                            let _ = live
+                                .events
+                                .send(EngineEvent::Failed(EngineError::Invalid(e.to_string())));
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => return Stop::WorkersLost(e),
+            };
+            self.update(sched, &plan, sampled);
+            self.steps += 1;
+            self.step_time.observe(started.elapsed().as_secs_f64());
+            self.publish_stats(sched);
+        }
+    }
+
+    fn now(&self) -> u64 {
+        // Scheduler time is monotonic microseconds since an arbitrary origin.
+        static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        ORIGIN.get_or_init(Instant::now).elapsed().as_micros() as u64
+    }
+
+    fn apply(&mut self, sched: &mut Scheduler, cmd: Command) {
+        match cmd {
+            Command::Submit {
+                id,
+                request,
+                events,
+                ack,
+            } => {
+                let verdict = sched
+                    .add(
+                        id,
+                        request.prompt.clone(),
+                        request.max_tokens as usize,
+                        to_sched_priority(request.priority),
+                        self.now(),
+                    )
+                    .map_err(|e| map_admission(e, sched));
+                let admitted = verdict.is_ok();
+                if ack.send(verdict).is_ok() && admitted {
+                    self.requests.insert(
+                        id,
+                        Live {
+                            events,
+                            request,
+                            generated: 0,
+                            cached: None,
+                        },
+                    );
+                } else if admitted {
+                    // The submitter is gone already.
+                    sched.abort(id);
+                }
+            }
+            Command::Abort(id) => {
+                if self.requests.remove(&id).is_some() {
+                    sched.abort(id);
+                }
+            }
+        }
+    }
+
+    /// The scheduler's plan in the workers' terms, attaching sampling parameters to
+    /// sequences workers do not know yet.
+    fn work_plan(&mut self, plan: &scheduler::StepPlan) -> WorkPlan {
+        let mut work = WorkPlan {
+            step: self.steps,
+            seqs: Vec::with_capacity(plan.seqs.len()),
+            freed: plan.freed.clone(),
+        };
+        for s in &plan.seqs {
+            let Some(live) = self.requests.get_mut(&s.seq_id) else {
+                continue;
+            };
+            if s.reset && live.cached.is_none() {
+                live.cached = Some(s.position as u32);
+            }
+            work.seqs.push(SeqWork {
+                seq_id: s.seq_id,
+                tokens: plan.tokens(s).to_vec(),
+                position: s.position as u32,
+                new_blocks: plan.new_blocks(s).to_vec(),
+                sample: s.sample,
+                reset: s.reset,
+                sampling: s.reset.then(|| live.request.sampling.clone()),
+                generated: live.generated,
+                stop_token_ids: live.request.stop_token_ids.clone(),
+            });
+        }
+        work
+    }
+
+    fn update(&mut self, sched: &mut Scheduler, plan: &scheduler::StepPlan, sampled: Vec<Sampled>) {
+        let mut tokens = Vec::with_capacity(sampled.len());
+        let mut stopped = Vec::new();
+        for s in &sampled {
+            let Some(live) = self.requests.get_mut(&s.seq_id) else {
+                continue;
+            };
+            live.generated += 1;
+            tokens.push((s.seq_id, s.token));
+            if live.request.stop_token_ids.contains(&s.token) {
+                stopped.push(s.seq_id);
+            } else if live
+                .events
+                .send(EngineEvent::Token(TokenEvent {
+                    id: s.token,
+                    logprob: s.logprob,
+                    top_logprobs: s.top_logprobs.clone(),
+                }))
+                .is_err()
+            {
+                // Reader gone: abort below.
+                stopped.push(s.seq_id);
+            }
+        }
+        let finished = sched.update(plan, &tokens, &stopped);
+        for (id, reason) in finished {
+            if let Some(live) = self.requests.remove(&id) {
+                let reason = match reason {
+                    scheduler::FinishReason::Stopped => FinishReason::Stop,
+                    scheduler::FinishReason::Length => FinishReason::Length,
+                };
+                let _ = live.events.send(EngineEvent::Finished {
+                    reason,
+                    prompt_tokens: live.request.prompt.len() as u32,
+                    completion_tokens: live.generated,
+                    cached_tokens: live.cached.unwrap_or(0),
+                });
+            }
+        }
+    }
+
+    fn publish_stats(&self, sched: &Scheduler) {
+        let c = sched.counters();
+        let mut st = self.shared.stats.lock().expect("stats lock");
+        st.waiting = c.waiting;
+        st.running = c.running;
+        st.kv_blocks_used = c.blocks_used;
+        st.kv_blocks_total = c.blocks_total;
+        st.prefix_cache_hit_rate = c.prefix_hit_rate();
+        st.steps = self.steps;
+        st.preemptions = c.preemptions;
+    }
+}
+
+fn to_sched_priority(p: super::api::Priority) -> scheduler::Priority {
+    match p {
+        super::api::Priority::Interactive => scheduler::Priority::Interactive,
+        super::api::Priority::Chat => scheduler::Priority::Chat,
+        super::api::Priority::Batch => scheduler::Priority::Batch,
+    }
+}
+
+fn map_admission(e: SchedulerError, sched: &Scheduler) -> EngineError {
+    match e {
+        SchedulerError::QueueFull => EngineError::Overloaded {
+            waiting: sched.counters().waiting,
+        },
+        SchedulerError::PromptTooLong {
+            prompt_tokens,
+            limit,
+        } => EngineError::PromptTooLong {
+            prompt_tokens,
+            limit,
+        },
+        other => EngineError::Invalid(other.to_string()),
+    }
+}

@@ -1,0 +1,88 @@
+//! What the engine asks of a worker group: initialize, then execute step plans.
+//!
+//! [`WorkPlan`] is the engine's form of a step (ARCHITECTURE §6): per scheduled
+//! sequence its new tokens, start position, newly appended blocks, whether to sample,
+//! and (on first appearance or after a reset) its sampling parameters; plus the
+//! sequences whose state workers must drop. Implementations send the same plan to
+//! every rank and return rank 0's sampled tokens.
+
+use std::future::Future;
+
+use super::api::SamplingParams;
+
+/// One sequence's part of a step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeqWork {
+    pub seq_id: u64,
+    pub tokens: Vec<u32>,
+    /// Tokens of this sequence already in the KV cache.
+    pub position: u32,
+    /// Block ids appended to the sequence's table this step.
+    pub new_blocks: Vec<u32>,
+    pub sample: bool,
+    /// Forget any state of this id first (new sequence, or recompute after preemption).
+    pub reset: bool,
+    /// Present when `reset` is set.
+    pub sampling: Option<SamplingParams>,
+    /// Tokens generated so far (for the min_tokens ban after a recompute).
+    pub generated: u32,
+    /// Tokens banned until `generated >= min_tokens`.
+    pub stop_token_ids: Vec<u32>,
+}
+
+/// One step for every rank.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WorkPlan {
+    pub step: u64,
+    pub seqs: Vec<SeqWork>,
+    /// Sequences whose blocks were freed: workers drop their mirrored state.
+    pub freed: Vec<u64>,
+}
+
+/// A token sampled by rank 0.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampled {
+    pub seq_id: u64,
+    pub token: u32,
+    pub logprob: Option<f32>,
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// What the worker group reported at initialization.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupFacts {
+    /// KV blocks every rank can hold (the minimum over ranks).
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub max_context: usize,
+    pub vocab_size: usize,
+    pub sliding_window: Option<u32>,
+}
+
+/// Why a worker group failed.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ExecError {
+    /// A worker is gone or timed out: the group must be re-initialized.
+    #[error("worker {rank} failed: {message}")]
+    WorkerLost { rank: usize, message: String },
+    /// Workers refused this plan (a bug on our side); the group is still usable.
+    #[error("worker {rank} rejected step {step}: {message}")]
+    Rejected {
+        rank: usize,
+        step: u64,
+        message: String,
+    },
+    #[error("worker group initialization failed: {0}")]
+    Init(String),
+}
+
+/// A tensor-parallel worker group.
+pub trait Executor: Send + 'static {
+    /// (Re)initializes every rank: load weights, set up collectives, size the KV cache.
+    fn init(&mut self) -> impl Future<Output = Result<GroupFacts, ExecError>> + Send;
+    /// Runs one step on every rank; returns the sampled tokens in plan order.
+    fn execute(
+        &mut self,
+        plan: &WorkPlan,
+    ) -> impl Future<Output = Result<Vec<Sampled>, ExecError>> + Send;
+}

@@ -1,0 +1,297 @@
+//! The gRPC executor: one `Steps` stream per worker rank, the same plan sent to all,
+//! every rank's answer awaited with a timeout, rank 0's tokens returned.
+//!
+//! Invariants: a step is complete only when every rank answered it with its step
+//! number; a rank that closes its stream, errors, lags (wrong step number) or stays
+//! silent past `step_timeout` makes the whole group `WorkerLost`, and the next
+//! [`Executor::init`] rebuilds every connection from scratch (a new collective group
+//! id, so a stale rank cannot rejoin). Cost: one protobuf encode per step per rank.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use proto::v1 as pb;
+use proto::v1::worker_client::WorkerClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Streaming;
+
+use super::executor::{ExecError, Executor, GroupFacts, Sampled, WorkPlan};
+
+/// Where the ranks are and what they should load.
+#[derive(Clone, Debug)]
+pub struct GrpcGroupConfig {
+    /// gRPC address of every rank's worker, in rank order (`host:port`).
+    pub workers: Vec<String>,
+    /// TCP collective address of every rank, in rank order (`host:port`).
+    pub collective_peers: Vec<String>,
+    /// Address each rank binds for the collective (empty: its peer address).
+    pub collective_listen: Vec<String>,
+    /// Checkpoint directory as the workers see it.
+    pub model_path: String,
+    pub device: String,
+    pub block_size: u32,
+    /// KV budget per rank in bytes.
+    pub kv_cache_bytes: u64,
+    pub max_kv_blocks: Option<u32>,
+    /// How long to keep trying to reach and initialize the workers.
+    pub init_timeout: Duration,
+    /// A rank that does not answer a step within this is considered lost.
+    pub step_timeout: Duration,
+}
+
+impl Default for GrpcGroupConfig {
+    fn default() -> Self {
+        Self {
+            workers: Vec::new(),
+            collective_peers: Vec::new(),
+            collective_listen: Vec::new(),
+            model_path: String::new(),
+            device: "cpu".into(),
+            block_size: 16,
+            kv_cache_bytes: 1 << 30,
+            max_kv_blocks: None,
+            init_timeout: Duration::from_secs(120),
+            step_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+struct RankStream {
+    plans: mpsc::Sender<pb::StepPlan>,
+    results: Streaming<pb::StepResult>,
+}
+
+/// A worker group reached over gRPC.
+pub struct GrpcExecutor {
+    config: GrpcGroupConfig,
+    ranks: Vec<RankStream>,
+    incarnation: u64,
+}
+
+impl GrpcExecutor {
+    pub fn new(config: GrpcGroupConfig) -> Self {
+        Self {
+            config,
+            ranks: Vec::new(),
+            incarnation: 0,
+        }
+    }
+
+    async fn connect(
+        addr: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<WorkerClient<Channel>, ExecError> {
+        let uri = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let endpoint = Endpoint::from_shared(uri)
+            .map_err(|e| ExecError::Init(format!("bad worker address {addr}: {e}")))?
+            .connect_timeout(Duration::from_secs(2));
+        loop {
+            match endpoint.connect().await {
+                Ok(ch) => return Ok(WorkerClient::new(ch).max_decoding_message_size(64 << 20)),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(ExecError::Init(format!("cannot reach worker {addr}: {e}")))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    fn lost(rank: usize, message: impl Into<String>) -> ExecError {
+        ExecError::WorkerLost {
+            rank,
+            message: message.into(),
+        }
+    }
+}
+
+impl Executor for GrpcExecutor {
+    async fn init(&mut self) -> Result<GroupFacts, ExecError> {
+        self.ranks.clear();
+        self.incarnation += 1;
+        let cfg = &self.config;
+        let tp = cfg.workers.len();
+        if tp == 0 {
+            return Err(ExecError::Init("no workers configured".into()));
+        }
+        let deadline = tokio::time::Instant::now() + cfg.init_timeout;
+        let clients = join_all(cfg.workers.iter().map(|a| Self::connect(a, deadline)))
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        let group_id = (std::process::id() as u64) << 32 | self.incarnation;
+        let inits = clients.iter().enumerate().map(|(rank, client)| {
+            let mut client = client.clone();
+            let request = pb::InitRequest {
+                model_path: cfg.model_path.clone(),
+                dtype: String::new(),
+                device: cfg.device.clone(),
+                tp_world_size: tp as u32,
+                rank: rank as u32,
+                collective: (tp > 1).then(|| pb::CollectiveBootstrap {
+                    kind: Some(pb::collective_bootstrap::Kind::Tcp(pb::TcpPeers {
+                        peer_addrs: cfg.collective_peers.clone(),
+                        listen_addr: cfg.collective_listen.get(rank).cloned().unwrap_or_default(),
+                        group_id,
+                    })),
+                }),
+                block_size: cfg.block_size,
+                kv_cache_bytes: cfg.kv_cache_bytes,
+                max_kv_blocks: cfg.max_kv_blocks,
+            };
+            async move {
+                let mut req = tonic::Request::new(request);
+                req.set_timeout(cfg.init_timeout);
+                client
+                    .init(req)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| ExecError::Init(format!("rank {rank}: {}", s.message())))
+            }
+        });
+        let replies = join_all(inits)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        let model = replies[0]
+            .model
+            .clone()
+            .ok_or_else(|| ExecError::Init("rank 0 reported no model facts".into()))?;
+        let facts = GroupFacts {
+            num_blocks: replies
+                .iter()
+                .map(|r| r.num_kv_blocks as usize)
+                .min()
+                .unwrap_or(0),
+            block_size: replies[0].block_size as usize,
+            max_context: model.max_position_embeddings as usize,
+            vocab_size: model.vocab_size as usize,
+            sliding_window: model.sliding_window,
+        };
+        if facts.num_blocks < 2 {
+            return Err(ExecError::Init(format!(
+                "the KV budget gives only {} blocks per rank; raise it",
+                facts.num_blocks
+            )));
+        }
+        for (rank, mut client) in clients.into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel(4);
+            let results = client
+                .steps(ReceiverStream::new(rx))
+                .await
+                .map_err(|s| {
+                    ExecError::Init(format!(
+                        "rank {rank}: cannot open the step stream: {}",
+                        s.message()
+                    ))
+                })?
+                .into_inner();
+            self.ranks.push(RankStream { plans: tx, results });
+        }
+        Ok(facts)
+    }
+
+    async fn execute(&mut self, plan: &WorkPlan) -> Result<Vec<Sampled>, ExecError> {
+        if self.ranks.is_empty() {
+            return Err(Self::lost(0, "the group is not initialized"));
+        }
+        let msg = to_proto(plan);
+        for (rank, r) in self.ranks.iter().enumerate() {
+            r.plans
+                .send(msg.clone())
+                .await
+                .map_err(|_| Self::lost(rank, "step stream closed"))?;
+        }
+        let timeout = self.config.step_timeout;
+        let answers = join_all(
+            self.ranks
+                .iter_mut()
+                .enumerate()
+                .map(|(rank, r)| async move {
+                    match tokio::time::timeout(timeout, r.results.message()).await {
+                        Err(_) => Err(Self::lost(
+                            rank,
+                            format!("no answer to step {} within {timeout:?}", plan.step),
+                        )),
+                        Ok(Err(status)) => Err(Self::lost(rank, status.message().to_string())),
+                        Ok(Ok(None)) => Err(Self::lost(rank, "the worker closed its step stream")),
+                        Ok(Ok(Some(res))) => Ok(res),
+                    }
+                }),
+        )
+        .await;
+        let mut rank0 = None;
+        let mut rejected = None;
+        for (rank, a) in answers.into_iter().enumerate() {
+            let res = a?;
+            if res.step != plan.step {
+                return Err(Self::lost(
+                    rank,
+                    format!("answered step {} to step {}", res.step, plan.step),
+                ));
+            }
+            if !res.error.is_empty() {
+                rejected.get_or_insert(ExecError::Rejected {
+                    rank,
+                    step: plan.step,
+                    message: res.error.clone(),
+                });
+            }
+            if rank == 0 {
+                rank0 = Some(res);
+            }
+        }
+        if let Some(e) = rejected {
+            return Err(e);
+        }
+        let res = rank0.expect("rank 0 answered");
+        Ok(res
+            .tokens
+            .into_iter()
+            .map(|t| Sampled {
+                seq_id: t.seq_id,
+                token: t.token_id,
+                logprob: t.logprob,
+                top_logprobs: t
+                    .top_logprobs
+                    .into_iter()
+                    .map(|l| (l.token_id, l.logprob))
+                    .collect(),
+            })
+            .collect())
+    }
+}
+
+fn to_proto(plan: &WorkPlan) -> pb::StepPlan {
+    pb::StepPlan {
+        step: plan.step,
+        freed: plan.freed.clone(),
+        seqs: plan
+            .seqs
+            .iter()
+            .map(|s| pb::ScheduledSeq {
+                seq_id: s.seq_id,
+                tokens: s.tokens.clone(),
+                position_start: s.position,
+                new_blocks: s.new_blocks.clone(),
+                sample: s.sample,
+                reset: s.reset,
+                sampling: s.sampling.as_ref().map(|p| pb::SamplingParams {
+                    temperature: p.temperature,
+                    top_p: p.top_p,
+                    top_k: p.top_k,
+                    seed: p.seed,
+                    min_tokens: p.min_tokens,
+                    stop_token_ids: s.stop_token_ids.clone(),
+                    logprobs: p.logprobs,
+                    generated_before: s.generated,
+                }),
+            })
+            .collect(),
+    }
+}

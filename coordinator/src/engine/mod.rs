@@ -1,0 +1,134 @@
+//! The engine: the coordinator's step loop and the handle the HTTP layer talks to.
+//!
+//! The loop is three verbs (`schedule → execute → update`, STYLE.md): the
+//! [`scheduler`] decides, an [`Executor`] runs the plan on every worker rank, and the
+//! update hands sampled tokens to per-request channels. Commands (submit, abort) reach
+//! the loop through one channel and are applied between steps, so the scheduler is
+//! only ever touched by the loop task.
+//!
+//! Invariants: every admitted request receives exactly one final event (`Finished` or
+//! `Failed`); a request whose reader is gone is aborted at the next step boundary and
+//! its KV blocks are freed in that step; after a worker failure every in-flight request
+//! fails with `Unavailable`, the scheduler is reset (all blocks free) and the worker
+//! group is re-initialized before anything is admitted again.
+
+mod api;
+mod core;
+pub mod executor;
+pub mod grpc;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot};
+
+pub use api::{
+    EngineError, EngineEvent, FinishReason, GenerateRequest, Priority, RequestId, RequestStream,
+    SamplingParams, TokenEvent,
+};
+pub use core::{run_engine, EngineConfig};
+pub use executor::{ExecError, Executor, GroupFacts};
+
+use crate::metrics::Histogram;
+
+/// A snapshot of the engine's state for metrics and admission decisions.
+#[derive(Clone, Debug, Default)]
+pub struct EngineStats {
+    pub waiting: usize,
+    pub running: usize,
+    pub kv_blocks_used: usize,
+    pub kv_blocks_total: usize,
+    pub prefix_cache_hit_rate: f64,
+    pub steps: u64,
+    pub preemptions: u64,
+    pub step_time: Arc<Histogram>,
+}
+
+pub(crate) enum Command {
+    Submit {
+        id: RequestId,
+        request: GenerateRequest,
+        events: mpsc::UnboundedSender<EngineEvent>,
+        ack: oneshot::Sender<Result<(), EngineError>>,
+    },
+    Abort(RequestId),
+}
+
+/// State shared between the handle(s) and the loop.
+pub(crate) struct Shared {
+    pub(crate) commands: mpsc::UnboundedSender<Command>,
+    pub(crate) stats: Mutex<EngineStats>,
+    pub(crate) ready: AtomicBool,
+    pub(crate) max_context: AtomicUsize,
+    next_id: AtomicU64,
+}
+
+/// Cheap to clone; every clone talks to the same engine loop.
+#[derive(Clone)]
+pub struct EngineHandle {
+    shared: Arc<Shared>,
+}
+
+impl EngineHandle {
+    pub(crate) fn new(commands: mpsc::UnboundedSender<Command>, step_time: Arc<Histogram>) -> Self {
+        let stats = EngineStats {
+            step_time,
+            ..Default::default()
+        };
+        Self {
+            shared: Arc::new(Shared {
+                commands,
+                stats: Mutex::new(stats),
+                ready: AtomicBool::new(false),
+                max_context: AtomicUsize::new(0),
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Submits a request; resolves once the engine admitted (or refused) it.
+    pub async fn submit(&self, request: GenerateRequest) -> Result<RequestStream, EngineError> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (events, rx) = mpsc::unbounded_channel();
+        let (ack, acked) = oneshot::channel();
+        self.shared
+            .commands
+            .send(Command::Submit {
+                id,
+                request,
+                events,
+                ack,
+            })
+            .map_err(|_| EngineError::ShuttingDown)?;
+        acked.await.map_err(|_| EngineError::ShuttingDown)??;
+        let commands = self.shared.commands.clone();
+        Ok(RequestStream {
+            id,
+            rx,
+            abort: Some(Arc::new(move |id| drop(commands.send(Command::Abort(id))))),
+        })
+    }
+
+    /// Aborts a request by id (no-op when it already ended).
+    pub fn abort(&self, id: RequestId) {
+        let _ = self.shared.commands.send(Command::Abort(id));
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.shared.stats.lock().expect("stats lock").clone()
+    }
+
+    /// Whether a worker group is loaded and serving.
+    pub fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::Acquire)
+    }
+
+    /// The model's context length (0 until the workers reported it).
+    pub fn max_context(&self) -> usize {
+        self.shared.max_context.load(Ordering::Acquire)
+    }
+}

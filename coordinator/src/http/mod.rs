@@ -1,0 +1,718 @@
+//! The HTTP API (ARCHITECTURE §7): Mistral's FIM and chat endpoints, OpenAI's chat and
+//! legacy completions, models, health, readiness, metrics and the OpenAPI document.
+//!
+//! Handlers parse and validate ([`schema`]), build the prompt (`crate::prompt`),
+//! submit to the engine, and render either one JSON response or an SSE stream of
+//! chunks ending with `data: [DONE]`. All failures are [`AppError`]s rendered in one
+//! place. Invariant: the engine request lives exactly as long as its HTTP response —
+//! a client that disconnects drops the response, which drops the request stream, which
+//! aborts the sequence. Cost per token: one detokenizer push and, when streaming, one
+//! JSON chunk.
+
+pub mod error;
+pub mod schema;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::stream::{self, Stream};
+use serde_json::{json, Value};
+
+pub use error::AppError;
+use schema::{ChatRequest, CompletionRequest, FimRequest, Generation, PromptField};
+
+use crate::detok::{Detokenizer, DetokenizerConfig};
+use crate::engine::{
+    EngineEvent, EngineHandle, FinishReason, GenerateRequest, Priority, RequestStream, TokenEvent,
+};
+use crate::metrics::Metrics;
+use crate::prompt::{encode_chat, encode_fim};
+use crate::tokenizer::{Tokenizer, EOS};
+
+/// Largest request body accepted (413 above it).
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// Model names served when none are configured: Mistral-configured IDE clients send these.
+pub const DEFAULT_MODEL_NAMES: [&str; 3] = ["codestral-latest", "codestral-2405", "stral"];
+
+/// The OpenAPI document served at `/openapi.json`.
+pub const OPENAPI_JSON: &str = include_str!("openapi.json");
+
+/// Settings of the HTTP layer.
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// Names accepted in `model` (first one is reported in responses' `model` echo only
+    /// when the request's name is accepted: responses echo the request's name).
+    pub served_model_names: Vec<String>,
+    /// Bearer keys; empty disables authentication.
+    pub api_keys: Vec<String>,
+    /// Put `/metrics` behind the API keys too.
+    pub protect_metrics: bool,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            served_model_names: DEFAULT_MODEL_NAMES.iter().map(|s| s.to_string()).collect(),
+            api_keys: Vec::new(),
+            protect_metrics: false,
+        }
+    }
+}
+
+/// Shared state of every handler.
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub tokenizer: Tokenizer,
+    pub config: HttpConfig,
+    pub metrics: Arc<Metrics>,
+    created: u64,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    pub fn new(
+        engine: EngineHandle,
+        tokenizer: Tokenizer,
+        config: HttpConfig,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Arc::new(Self {
+            engine,
+            tokenizer,
+            config,
+            metrics,
+            created,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    fn check_model(&self, model: &str) -> Result<(), AppError> {
+        if self.config.served_model_names.iter().any(|m| m == model) {
+            Ok(())
+        } else {
+            Err(AppError::ModelNotFound(model.to_string()))
+        }
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        if self.config.api_keys.is_empty() {
+            return true;
+        }
+        let Some(given) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        else {
+            return false;
+        };
+        // Check every key in constant time so timing reveals neither which key nor how much matched.
+        self.config.api_keys.iter().fold(false, |ok, k| {
+            constant_time_eq(k.as_bytes(), given.trim().as_bytes()) | ok
+        })
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The API router with its state.
+pub fn router(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/models", get(list_models))
+        .route("/v1/fim/completions", post(fim_completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    let metrics = if state.config.protect_metrics {
+        Router::new()
+            .route("/metrics", get(metrics))
+            .route_layer(middleware::from_fn_with_state(state.clone(), require_key))
+    } else {
+        Router::new().route("/metrics", get(metrics))
+    };
+    Router::new()
+        .merge(v1)
+        .merge(metrics)
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/openapi.json", get(openapi))
+        .fallback(|req: Request| async move {
+            AppError::RouteNotFound(format!("{} {}", req.method(), req.uri().path()))
+        })
+        .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if state.authorized(req.headers()) {
+        next.run(req).await
+    } else {
+        AppError::Unauthorized.into_response()
+    }
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Result<Json<Value>, AppError> {
+    if state.engine.is_ready() {
+        Ok(Json(json!({"status": "ready"})))
+    } else {
+        Err(AppError::Unavailable("workers are not ready".into()))
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let body = state
+        .metrics
+        .render(&state.engine.stats(), state.engine.is_ready());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
+}
+
+async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let max_len = state.engine.max_context();
+    let data: Vec<Value> = state
+        .config
+        .served_model_names
+        .iter()
+        .map(|m| json!({"id": m, "object": "model", "created": state.created, "owned_by": "stral", "max_model_len": max_len}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// Response shapes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// `chat.completion` / `chat.completion.chunk` (Mistral FIM and chat, OpenAI chat).
+    Chat,
+    /// `text_completion` (OpenAI legacy).
+    Text,
+}
+
+/// Everything one generation needs after validation.
+struct Job {
+    shape: Shape,
+    model: String,
+    prompt: Vec<u32>,
+    generation: Generation,
+    strip_leading_space: bool,
+}
+
+/// Parses the body as JSON into `T`, turning every failure into a 400/413.
+fn parse<T: serde::de::DeserializeOwned>(
+    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, AppError> {
+    body.map(|Json(t)| t).map_err(AppError::from)
+}
+
+async fn fim_completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<FimRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let endpoint = "fim";
+    let result = async {
+        let req = parse(body)?;
+        state.check_model(&req.model)?;
+        let generation = req.sampling.validate(0.7, Priority::Interactive, None)?;
+        let prompt = encode_fim(
+            &state.tokenizer,
+            &req.prompt,
+            req.suffix.as_deref().unwrap_or(""),
+        )?;
+        Ok::<_, AppError>(Job {
+            shape: Shape::Chat,
+            model: req.model,
+            prompt,
+            generation,
+            strip_leading_space: false,
+        })
+    }
+    .await;
+    respond(state, endpoint, result).await
+}
+
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<ChatRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let endpoint = "chat";
+    let result = async {
+        let req = parse(body)?;
+        state.check_model(&req.model)?;
+        let logprobs = match (req.logprobs, req.top_logprobs) {
+            (Some(true), top) => Some(top_logprobs_count(top)?),
+            (_, Some(_)) | (Some(false), None) | (None, None) => None,
+        };
+        let generation = req.sampling.validate(0.7, Priority::Chat, logprobs)?;
+        let prompt = encode_chat(&state.tokenizer, &req.conversation()?)?;
+        Ok::<_, AppError>(Job {
+            shape: Shape::Chat,
+            model: req.model,
+            prompt,
+            generation,
+            strip_leading_space: true,
+        })
+    }
+    .await;
+    respond(state, endpoint, result).await
+}
+
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<CompletionRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let endpoint = "completions";
+    let result = async {
+        let req = parse(body)?;
+        state.check_model(&req.model)?;
+        if req.echo == Some(true) {
+            return Err(AppError::bad_param("echo", "echo is not supported"));
+        }
+        if req.best_of.is_some_and(|b| b != 1) {
+            return Err(AppError::bad_param(
+                "best_of",
+                "only best_of = 1 is supported",
+            ));
+        }
+        let prompt_text = match req.prompt {
+            PromptField::One(p) => p,
+            PromptField::Many(mut v) if v.len() == 1 => v.remove(0),
+            PromptField::Many(_) => {
+                return Err(AppError::bad_param(
+                    "prompt",
+                    "exactly one prompt string is supported",
+                ))
+            }
+        };
+        let logprobs = req
+            .logprobs
+            .map(|n| top_logprobs_count(Some(n)))
+            .transpose()?;
+        // OpenAI's legacy default is 16 tokens.
+        let mut sampling = req.sampling;
+        if sampling.max_tokens.is_none() && sampling.max_completion_tokens.is_none() {
+            sampling.max_tokens = Some(16);
+        }
+        let generation = sampling.validate(1.0, Priority::Interactive, logprobs)?;
+        // With a suffix this is fill-in-the-middle; without, the prompt is a prefix to continue.
+        let prompt = encode_fim(
+            &state.tokenizer,
+            &prompt_text,
+            req.suffix.as_deref().unwrap_or(""),
+        )?;
+        Ok::<_, AppError>(Job {
+            shape: Shape::Text,
+            model: req.model,
+            prompt,
+            generation,
+            strip_leading_space: false,
+        })
+    }
+    .await;
+    respond(state, endpoint, result).await
+}
+
+fn top_logprobs_count(n: Option<i64>) -> Result<u32, AppError> {
+    match n.unwrap_or(0) {
+        n @ 0..=20 => Ok(n as u32),
+        n => Err(AppError::bad_param(
+            "top_logprobs",
+            format!("top_logprobs must be between 0 and 20, got {n}"),
+        )),
+    }
+}
+
+/// Runs a validated job (or renders its error) and counts the request.
+async fn respond(
+    state: Arc<AppState>,
+    endpoint: &'static str,
+    job: Result<Job, AppError>,
+) -> Response {
+    let resp = match job {
+        Ok(job) => run(&state, job)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+        Err(e) => e.into_response(),
+    };
+    state
+        .metrics
+        .count_request(endpoint, resp.status().as_u16());
+    resp
+}
+
+async fn run(state: &Arc<AppState>, job: Job) -> Result<Response, AppError> {
+    let arrival = Instant::now();
+    let limit = state.engine.max_context();
+    let room = limit.saturating_sub(job.prompt.len());
+    if room == 0 {
+        return Err(AppError::bad_param(
+            "prompt",
+            format!(
+                "the prompt has {} tokens but the model's context is {limit} tokens",
+                job.prompt.len()
+            ),
+        ));
+    }
+    let max_tokens = match job.generation.max_tokens {
+        Some(m) if m as usize > room => {
+            return Err(AppError::bad_param(
+                "max_tokens",
+                format!("prompt ({} tokens) + max_tokens ({m}) exceeds the model's context of {limit} tokens", job.prompt.len()),
+            ))
+        }
+        Some(m) => m,
+        None => room as u32,
+    };
+    let request = GenerateRequest {
+        prompt: job.prompt.clone(),
+        max_tokens,
+        sampling: job.generation.sampling.clone(),
+        priority: job.generation.priority,
+        stop_token_ids: vec![EOS],
+    };
+    let stream = state.engine.submit(request).await?;
+    state
+        .metrics
+        .prompt_tokens
+        .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
+    let id = format!(
+        "cmpl-{:x}{:06x}",
+        state.created,
+        state.next_id.fetch_add(1, Ordering::Relaxed)
+    );
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let detok = Detokenizer::new(
+        state.tokenizer.clone(),
+        DetokenizerConfig {
+            stop: job.generation.stop.clone(),
+            strip_leading_space: job.strip_leading_space,
+        },
+    );
+    let run = Run {
+        state: state.clone(),
+        stream,
+        detok,
+        id,
+        created,
+        model: job.model,
+        shape: job.shape,
+        prompt_tokens: job.prompt.len() as u32,
+        completion_tokens: 0,
+        logprobs: job.generation.sampling.logprobs.is_some(),
+        arrival,
+        last_token: None,
+        done: false,
+    };
+    if job.generation.stream {
+        Ok(stream_response(run, job.generation.include_usage_in_stream))
+    } else {
+        collect_response(run).await
+    }
+}
+
+/// One request in flight on the HTTP side. Dropped unfinished = client gone.
+struct Run {
+    state: Arc<AppState>,
+    stream: RequestStream,
+    detok: Detokenizer,
+    id: String,
+    created: u64,
+    model: String,
+    shape: Shape,
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    logprobs: bool,
+    arrival: Instant,
+    last_token: Option<Instant>,
+    done: bool,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if !self.done {
+            self.state.metrics.aborted.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What one engine event means for the client.
+enum Step {
+    /// New text (possibly empty) for one token.
+    Text { text: String, token: TokenEvent },
+    /// The end: the final text piece and why.
+    End { text: String, reason: FinishReason },
+}
+
+impl Run {
+    async fn step(&mut self) -> Result<Step, AppError> {
+        match self.stream.next().await {
+            Some(EngineEvent::Token(token)) => {
+                let now = Instant::now();
+                match self.last_token {
+                    None => self
+                        .state
+                        .metrics
+                        .ttft
+                        .observe(now.duration_since(self.arrival).as_secs_f64()),
+                    Some(t) => self
+                        .state
+                        .metrics
+                        .itl
+                        .observe(now.duration_since(t).as_secs_f64()),
+                }
+                self.last_token = Some(now);
+                self.completion_tokens += 1;
+                self.state
+                    .metrics
+                    .generation_tokens
+                    .fetch_add(1, Ordering::Relaxed);
+                let delta = self.detok.push(token.id);
+                if delta.stop.is_some() {
+                    // A stop string: end here; dropping the stream later aborts the sequence.
+                    Ok(self.end(delta.text, FinishReason::Stop))
+                } else {
+                    Ok(Step::Text {
+                        text: delta.text,
+                        token,
+                    })
+                }
+            }
+            Some(EngineEvent::Finished { reason, .. }) => {
+                let tail = self.detok.finish().text;
+                Ok(self.end(tail, reason))
+            }
+            Some(EngineEvent::Failed(e)) => {
+                self.done = true;
+                Err(e.into())
+            }
+            None => {
+                self.done = true;
+                Err(AppError::Unavailable(
+                    "the engine stopped before the request finished".into(),
+                ))
+            }
+        }
+    }
+
+    fn end(&mut self, text: String, reason: FinishReason) -> Step {
+        self.done = true;
+        self.state
+            .metrics
+            .e2e
+            .observe(self.arrival.elapsed().as_secs_f64());
+        Step::End { text, reason }
+    }
+
+    fn usage(&self) -> Value {
+        json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": self.prompt_tokens + self.completion_tokens})
+    }
+
+    fn token_text(&self, id: u32) -> String {
+        self.state.tokenizer.decode(&[id])
+    }
+
+    /// OpenAI chat `logprobs.content[]` entry for one token.
+    fn chat_logprob(&self, t: &TokenEvent) -> Value {
+        let text = self.token_text(t.id);
+        let top: Vec<Value> = t
+            .top_logprobs
+            .iter()
+            .map(|(id, lp)| {
+                let s = self.token_text(*id);
+                json!({"token": s, "logprob": lp, "bytes": s.as_bytes()})
+            })
+            .collect();
+        json!({"token": text, "logprob": t.logprob.unwrap_or(0.0), "bytes": text.as_bytes(), "top_logprobs": top})
+    }
+}
+
+fn finish_str(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+async fn collect_response(mut run: Run) -> Result<Response, AppError> {
+    let mut text = String::new();
+    let mut tokens: Vec<TokenEvent> = Vec::new();
+    let reason = loop {
+        match run.step().await? {
+            Step::Text { text: t, token } => {
+                text.push_str(&t);
+                if run.logprobs {
+                    tokens.push(token);
+                }
+            }
+            Step::End { text: t, reason } => {
+                text.push_str(&t);
+                break reason;
+            }
+        }
+    };
+    let finish = finish_str(reason);
+    let body = match run.shape {
+        Shape::Chat => {
+            let logprobs = run.logprobs.then(|| json!({"content": tokens.iter().map(|t| run.chat_logprob(t)).collect::<Vec<_>>()}));
+            json!({
+                "id": run.id, "object": "chat.completion", "created": run.created, "model": run.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": null}, "finish_reason": finish, "logprobs": logprobs}],
+                "usage": run.usage(),
+            })
+        }
+        Shape::Text => {
+            let logprobs = run.logprobs.then(|| legacy_logprobs(&run, &tokens));
+            json!({
+                "id": run.id, "object": "text_completion", "created": run.created, "model": run.model,
+                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+                "usage": run.usage(),
+            })
+        }
+    };
+    Ok(Json(body).into_response())
+}
+
+/// OpenAI legacy `logprobs` object.
+fn legacy_logprobs(run: &Run, tokens: &[TokenEvent]) -> Value {
+    let mut offset = 0;
+    let (mut texts, mut lps, mut tops, mut offsets) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for t in tokens {
+        let s = run.token_text(t.id);
+        offsets.push(offset);
+        offset += s.len();
+        texts.push(s);
+        lps.push(t.logprob);
+        let top: serde_json::Map<String, Value> = t
+            .top_logprobs
+            .iter()
+            .map(|(id, lp)| (run.token_text(*id), json!(lp)))
+            .collect();
+        tops.push(Value::Object(top));
+    }
+    json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+}
+
+/// SSE state machine: chunks until the end, then the usage/finish chunk, then `[DONE]`.
+enum SseState {
+    Running(Box<Run>, bool),
+    Done,
+}
+
+fn stream_response(run: Run, include_usage: bool) -> Response {
+    let events = stream::unfold(
+        SseState::Running(Box::new(run), include_usage),
+        |state| async move {
+            let SseState::Running(mut run, include_usage) = state else {
+                return None;
+            };
+            let (event, next) = match run.step().await {
+                Ok(Step::Text { text, token }) => {
+                    let lp = run.logprobs.then(|| token);
+                    (
+                        chunk(&run, &text, None, lp, false),
+                        SseState::Running(run, include_usage),
+                    )
+                }
+                Ok(Step::End { text, reason }) => {
+                    let mut data = chunk(&run, &text, Some(reason), None, true);
+                    if include_usage || run.shape == Shape::Chat {
+                        data["usage"] = run.usage();
+                    }
+                    let done = stream::iter(vec![
+                        Ok(Event::default().data(data.to_string())),
+                        Ok(Event::default().data("[DONE]")),
+                    ]);
+                    return Some((done, SseState::Done));
+                }
+                Err(e) => {
+                    // Headers are already sent: report the error in-band, then close.
+                    let err = stream::iter(vec![
+                        Ok(Event::default().data(json!({"error": e.body()}).to_string())),
+                        Ok(Event::default().data("[DONE]")),
+                    ]);
+                    return Some((err, SseState::Done));
+                }
+            };
+            Some((
+                stream::iter(vec![Ok(Event::default().data(event.to_string()))]),
+                next,
+            ))
+        },
+    );
+    let flat: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> =
+        Box::pin(futures::StreamExt::flatten(events));
+    let mut resp = Sse::new(flat)
+        .keep_alive(KeepAlive::default())
+        .into_response();
+    resp.headers_mut()
+        .insert("x-accel-buffering", header::HeaderValue::from_static("no"));
+    resp
+}
+
+/// One SSE chunk's JSON.
+fn chunk(
+    run: &Run,
+    text: &str,
+    reason: Option<FinishReason>,
+    token: Option<TokenEvent>,
+    last: bool,
+) -> Value {
+    let finish = reason.map(finish_str);
+    match run.shape {
+        Shape::Chat => {
+            let first = run.completion_tokens <= 1 && !last;
+            let delta = if first {
+                json!({"role": "assistant", "content": text})
+            } else {
+                json!({"content": text})
+            };
+            let logprobs = token
+                .as_ref()
+                .map(|t| json!({"content": [run.chat_logprob(t)]}));
+            json!({"id": run.id, "object": "chat.completion.chunk", "created": run.created, "model": run.model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]})
+        }
+        Shape::Text => {
+            let logprobs = token
+                .as_ref()
+                .map(|t| legacy_logprobs(run, std::slice::from_ref(t)));
+            json!({"id": run.id, "object": "text_completion", "created": run.created, "model": run.model,
+                   "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! Request bodies of the HTTP API (Mistral FIM/chat, OpenAI chat/legacy completions)
+//! and their validation into one [`Generation`] the handlers run.
+//!
+//! Invariant: every field is checked here, with a 400 naming the parameter; nothing
+//! downstream re-validates user input. Unknown fields are ignored, as the hosted APIs do.
+
+use serde::Deserialize;
+
+use super::error::AppError;
+use crate::engine::{Priority, SamplingParams};
+use crate::prompt::{ChatMessage, Role};
+
+/// Most stop strings a request may give, and their longest length (the stop matcher
+/// is O(len²) per token).
+pub const MAX_STOPS: usize = 16;
+pub const MAX_STOP_LEN: usize = 256;
+
+/// `stop`: a string or an array of strings.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Sampling fields shared by every generation endpoint.
+#[derive(Debug, Deserialize, Default, Clone)]
+pub struct SamplingFields {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub min_tokens: Option<i64>,
+    pub stop: Option<StopField>,
+    pub random_seed: Option<u64>,
+    pub seed: Option<u64>,
+    pub n: Option<i64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+pub struct StreamOptions {
+    pub include_usage: Option<bool>,
+}
+
+/// `POST /v1/fim/completions` (Mistral).
+#[derive(Debug, Deserialize)]
+pub struct FimRequest {
+    pub model: String,
+    pub prompt: String,
+    pub suffix: Option<String>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// Message content: a string, or an array of typed chunks.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Chunks(Vec<ContentChunk>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ContentChunk {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatMessageIn {
+    pub role: String,
+    pub content: Option<Content>,
+    #[serde(default)]
+    pub prefix: Option<bool>,
+}
+
+/// `POST /v1/chat/completions` (Mistral and OpenAI).
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessageIn>,
+    /// OpenAI: `true` asks for the chosen token's logprob.
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<i64>,
+    pub tools: Option<serde_json::Value>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// `prompt` of the legacy endpoint: a string, or an array holding one string.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PromptField {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `POST /v1/completions` (OpenAI legacy; `suffix` makes it FIM).
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: PromptField,
+    pub suffix: Option<String>,
+    /// OpenAI: number of top logprobs per token (0–20).
+    pub logprobs: Option<i64>,
+    pub echo: Option<bool>,
+    pub best_of: Option<i64>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// A validated generation: what to sample, how much, where to stop.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub sampling: SamplingParams,
+    /// `None`: the rest of the context.
+    pub max_tokens: Option<u32>,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage_in_stream: bool,
+    pub priority: Priority,
+}
+
+impl SamplingFields {
+    /// Validates the fields; `default_temperature` differs per API family.
+    pub fn validate(
+        &self,
+        default_temperature: f32,
+        priority: Priority,
+        logprobs: Option<u32>,
+    ) -> Result<Generation, AppError> {
+        let temperature = self.temperature.unwrap_or(default_temperature);
+        if !(0.0..=2.0).contains(&temperature) || !temperature.is_finite() {
+            return Err(AppError::bad_param(
+                "temperature",
+                format!("temperature must be between 0 and 2, got {temperature}"),
+            ));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(AppError::bad_param(
+                "top_p",
+                format!("top_p must be in (0, 1], got {top_p}"),
+            ));
+        }
+        let top_k = match self.top_k {
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if (1..=u32::MAX as i64).contains(&k) => k as u32,
+            Some(k) => {
+                return Err(AppError::bad_param(
+                    "top_k",
+                    format!("top_k must be a positive integer (or 0/-1 to disable), got {k}"),
+                ))
+            }
+        };
+        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+            None => None,
+            Some(m) if (1..=u32::MAX as i64).contains(&m) => Some(m as u32),
+            Some(m) => {
+                return Err(AppError::bad_param(
+                    "max_tokens",
+                    format!("max_tokens must be at least 1, got {m}"),
+                ))
+            }
+        };
+        let min_tokens = match self.min_tokens {
+            None => 0,
+            Some(m) if (0..=u32::MAX as i64).contains(&m) => m as u32,
+            Some(m) => {
+                return Err(AppError::bad_param(
+                    "min_tokens",
+                    format!("min_tokens must be non-negative, got {m}"),
+                ))
+            }
+        };
+        if let Some(max) = max_tokens {
+            if min_tokens > max {
+                return Err(AppError::bad_param(
+                    "min_tokens",
+                    format!("min_tokens ({min_tokens}) must not exceed max_tokens ({max})"),
+                ));
+            }
+        }
+        if let Some(n) = self.n {
+            if n != 1 {
+                return Err(AppError::bad_param(
+                    "n",
+                    format!("only n = 1 is supported, got {n}"),
+                ));
+            }
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if let Some(v) = v {
+                if v != 0.0 {
+                    return Err(AppError::bad_param(
+                        name,
+                        format!("{name} is not supported (only 0)"),
+                    ));
+                }
+            }
+        }
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(StopField::One(s)) => vec![s.clone()],
+            Some(StopField::Many(v)) => v.clone(),
+        };
+        let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
+        if stop.len() > MAX_STOPS || stop.iter().any(|s| s.len() > MAX_STOP_LEN) {
+            return Err(AppError::bad_param(
+                "stop",
+                format!("at most {MAX_STOPS} stop strings of at most {MAX_STOP_LEN} bytes each"),
+            ));
+        }
+        Ok(Generation {
+            sampling: SamplingParams {
+                temperature,
+                top_p,
+                top_k,
+                seed: self.random_seed.or(self.seed),
+                min_tokens,
+                logprobs,
+            },
+            max_tokens,
+            stop,
+            stream: self.stream.unwrap_or(false),
+            include_usage_in_stream: self
+                .stream_options
+                .as_ref()
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+            priority,
+        })
+    }
+}
+
+impl ChatRequest {
+    /// The conversation as prompt-builder messages; a 400 for unsupported roles or content.
+    pub fn conversation(&self) -> Result<Vec<ChatMessage>, AppError> {
+        if self
+            .tools
+            .as_ref()
+            .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
+        {
+            return Err(AppError::bad_param(
+                "tools",
+                "tool calling is not supported by this server",
+            ));
+        }
+        self.messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let role = match m.role.as_str() {
+                    "system" => Role::System,
+                    "user" => Role::User,
+                    "assistant" => Role::Assistant,
+                    other => return Err(AppError::bad_param("messages", format!("messages[{i}].role '{other}' is not supported (system, user, assistant)"))),
+                };
+                let content = match &m.content {
+                    None => String::new(),
+                    Some(Content::Text(t)) => t.clone(),
+                    Some(Content::Chunks(chunks)) => {
+                        let mut parts = Vec::new();
+                        for c in chunks {
+                            if c.kind != "text" {
+                                return Err(AppError::bad_param("messages", format!("messages[{i}]: content chunks of type '{}' are not supported", c.kind)));
+                            }
+                            if let Some(t) = c.text.as_deref().filter(|t| !t.is_empty()) {
+                                parts.push(t.to_string());
+                            }
+                        }
+                        parts.join("\n\n")
+                    }
+                };
+                let mut msg = match role {
+                    Role::System => ChatMessage::system(content),
+                    Role::User => ChatMessage::user(content),
+                    Role::Assistant => ChatMessage::assistant(content),
+                };
+                msg.prefix = m.prefix.unwrap_or(false);
+                Ok(msg)
+            })
+            .collect()
+    }
+}

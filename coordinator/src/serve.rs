@@ -1,0 +1,196 @@
+//! `stral serve`: tokenizer + engine + worker group + HTTP server, with clean shutdown.
+//!
+//! On SIGINT/SIGTERM the listener stops accepting, in-flight responses get up to
+//! `shutdown_grace` to finish (streams included), then the engine and the local
+//! workers are stopped.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::engine::grpc::{GrpcExecutor, GrpcGroupConfig};
+use crate::engine::{run_engine, EngineConfig, EngineHandle};
+use crate::http::{router, AppState, HttpConfig};
+use crate::launch::{LocalWorkers, LocalWorkersConfig};
+use crate::metrics::Metrics;
+use crate::tokenizer::Tokenizer;
+
+/// Everything `stral serve` needs.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    /// Checkpoint directory as the workers see it.
+    pub model_dir: PathBuf,
+    pub tp: usize,
+    pub device: String,
+    /// Remote workers (`host:port` per rank); `None` starts local worker processes.
+    pub workers: Option<Vec<String>>,
+    /// Collective addresses of remote workers; default: each worker's host, port + 1.
+    pub collective_peers: Option<Vec<String>>,
+    /// The `stral` executable used to start local workers.
+    pub exe: PathBuf,
+    pub http: HttpConfig,
+    pub engine: EngineConfig,
+    /// KV cache budget per rank, bytes.
+    pub kv_cache_bytes: u64,
+    pub step_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// Errors that stop `serve` from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start local workers: {0}")]
+    Workers(std::io::Error),
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    #[error("{0}")]
+    Config(String),
+    #[error("server: {0}")]
+    Server(std::io::Error),
+}
+
+fn default_peers(workers: &[String]) -> Result<Vec<String>, ServeError> {
+    workers
+        .iter()
+        .map(|w| {
+            let (host, port) = w.rsplit_once(':').ok_or_else(|| {
+                ServeError::Config(format!("--workers entry '{w}' is not host:port"))
+            })?;
+            let port: u16 = port.parse().map_err(|_| {
+                ServeError::Config(format!("--workers entry '{w}' has no valid port"))
+            })?;
+            Ok(format!("{host}:{}", port + 1))
+        })
+        .collect()
+}
+
+/// Runs the server until a shutdown signal.
+pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
+    let tokenizer = Tokenizer::codestral()?;
+    let (local, workers, peers, listen) = match &config.workers {
+        Some(w) => {
+            if w.len() != config.tp {
+                return Err(ServeError::Config(format!(
+                    "--workers lists {} addresses but --tp is {}",
+                    w.len(),
+                    config.tp
+                )));
+            }
+            let peers = match &config.collective_peers {
+                Some(p) => p.clone(),
+                None => default_peers(w)?,
+            };
+            let listen = peers
+                .iter()
+                .map(|p| format!("0.0.0.0:{}", p.rsplit_once(':').map(|x| x.1).unwrap_or("0")))
+                .collect();
+            (None, w.clone(), peers, listen)
+        }
+        None => {
+            let lw = LocalWorkers::start(LocalWorkersConfig {
+                exe: config.exe.clone(),
+                tp: config.tp,
+                device: config.device.clone(),
+            })
+            .map_err(ServeError::Workers)?;
+            let (w, p) = (lw.grpc_addrs.clone(), lw.collective_addrs.clone());
+            (Some(lw), w, p, Vec::new())
+        }
+    };
+    let exec = GrpcExecutor::new(GrpcGroupConfig {
+        workers,
+        collective_peers: peers,
+        collective_listen: listen,
+        model_path: config.model_dir.to_string_lossy().into_owned(),
+        device: config.device.clone(),
+        block_size: config.engine.scheduler.block_size as u32,
+        kv_cache_bytes: config.kv_cache_bytes,
+        step_timeout: config.step_timeout,
+        ..Default::default()
+    });
+    let (engine, engine_task) = run_engine(exec, config.engine.clone());
+    let metrics = Arc::new(Metrics::default());
+    let state = AppState::new(engine.clone(), tokenizer, config.http.clone(), metrics);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(ServeError::Server)?;
+    tracing::info!(%addr, "HTTP API listening; loading workers");
+    tokio::spawn(announce_when_ready(
+        engine.clone(),
+        addr,
+        config.http.clone(),
+    ));
+    let grace = config.shutdown_grace;
+    let (stopping, mut stopped) = tokio::sync::watch::channel(false);
+    let served = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!(
+            ?grace,
+            "shutdown requested: no new connections; finishing in-flight requests"
+        );
+        let _ = stopping.send(true);
+    });
+    let deadline = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+        tokio::time::sleep(grace).await;
+    };
+    let result = tokio::select! {
+        r = served => r.map_err(ServeError::Server),
+        _ = deadline => {
+            tracing::warn!("grace period over: failing the requests still in flight");
+            Ok(())
+        }
+    };
+    tracing::info!("stopping the engine and the workers");
+    drop(engine);
+    engine_task.abort();
+    if let Some(lw) = local {
+        lw.shutdown().await;
+    }
+    result
+}
+
+async fn announce_when_ready(engine: EngineHandle, addr: SocketAddr, http: HttpConfig) {
+    while !engine.is_ready() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let model = http.served_model_names.first().cloned().unwrap_or_default();
+    let auth = if http.api_keys.is_empty() {
+        String::new()
+    } else {
+        " -H 'Authorization: Bearer $KEY'".to_string()
+    };
+    eprintln!(
+        "\nstral is ready on http://{addr} — try:\n  curl -s http://{addr}/v1/fim/completions{auth} -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{model}\", \"prompt\": \"def fibonacci(n):\", \"suffix\": \"\\n\\nprint(fibonacci(10))\", \"max_tokens\": 32, \"temperature\": 0}}'\n"
+    );
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

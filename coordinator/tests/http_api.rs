@@ -1,0 +1,535 @@
+//! The HTTP API in process (`tower::ServiceExt::oneshot`) over a real engine driving a
+//! real worker service through gRPC on loopback: response shapes, streaming, stop
+//! strings, and every error path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use coordinator::engine::grpc::{GrpcExecutor, GrpcGroupConfig};
+use coordinator::engine::{
+    run_engine, EngineConfig, EngineEvent, EngineHandle, GenerateRequest, SamplingParams,
+};
+use coordinator::http::{router, AppState, HttpConfig};
+use coordinator::metrics::Metrics;
+use coordinator::prompt::encode_fim;
+use coordinator::tokenizer::Tokenizer;
+use http_body_util::BodyExt;
+use scheduler::SchedulerConfig;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+use worker::safetensors_io::StoredDtype;
+use worker::service::{WorkerConfig, WorkerService};
+use worker::synth::{synthesize, SynthOptions};
+use worker::{CheckpointFormat, ModelConfig};
+
+/// A one-layer model with the real vocabulary: fast, and every tokenizer id is valid.
+fn model_dir() -> std::path::PathBuf {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("stral-http-model-{}", std::process::id()));
+        let config = ModelConfig {
+            n_layers: 1,
+            dim: 64,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 16,
+            hidden_dim: 128,
+            max_position_embeddings: 512,
+            ..ModelConfig::tiny()
+        };
+        synthesize(
+            &SynthOptions {
+                config,
+                format: CheckpointFormat::Mistral,
+                dtype: StoredDtype::F32,
+                seed: 1,
+                progress: false,
+            },
+            &dir,
+        )
+        .unwrap();
+        dir
+    })
+    .clone()
+}
+
+struct Stack {
+    app: axum::Router,
+    engine: EngineHandle,
+    tokenizer: Tokenizer,
+}
+
+async fn stack(http: HttpConfig, scheduler: SchedulerConfig) -> Stack {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let service = WorkerService::new(WorkerConfig {
+        listen: addr.clone(),
+        ..Default::default()
+    })
+    .into_server();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(incoming),
+    );
+    let exec = GrpcExecutor::new(GrpcGroupConfig {
+        workers: vec![addr],
+        model_path: model_dir().to_string_lossy().into_owned(),
+        kv_cache_bytes: 8 << 20,
+        init_timeout: Duration::from_secs(30),
+        ..Default::default()
+    });
+    let (engine, _task) = run_engine(
+        exec,
+        EngineConfig {
+            scheduler,
+            ..Default::default()
+        },
+    );
+    for _ in 0..600 {
+        if engine.is_ready() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(engine.is_ready(), "engine never became ready");
+    let tokenizer = Tokenizer::codestral().unwrap();
+    let state = AppState::new(
+        engine.clone(),
+        tokenizer.clone(),
+        http,
+        Arc::new(Metrics::default()),
+    );
+    Stack {
+        app: router(state),
+        engine,
+        tokenizer,
+    }
+}
+
+async fn default_stack() -> Stack {
+    stack(HttpConfig::default(), SchedulerConfig::default()).await
+}
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    body: Body,
+    headers: &[(&str, &str)],
+) -> (StatusCode, axum::http::HeaderMap, String) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
+
+async fn post(app: &axum::Router, path: &str, body: Value) -> (StatusCode, Value) {
+    let (s, _, text) = call(app, "POST", path, Body::from(body.to_string()), &[]).await;
+    (
+        s,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn assert_error(status: StatusCode, body: &Value, want: StatusCode, code: &str) {
+    assert_eq!(status, want, "{body}");
+    assert_eq!(body["object"], "error", "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
+const PREFIX: &str = "fn main() {\n    let x = ";
+const SUFFIX: &str = ";\n    println!(\"{x}\");\n}\n";
+
+fn fim_body(max_tokens: u32) -> Value {
+    json!({"model": "codestral-latest", "prompt": PREFIX, "suffix": SUFFIX, "temperature": 0, "max_tokens": max_tokens, "min_tokens": max_tokens})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_fim_over_http_equals_the_engine_called_directly() {
+    let s = default_stack().await;
+    let (status, body) = post(&s.app, "/v1/fim/completions", fim_body(10)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], "codestral-latest");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert_eq!(body["usage"]["completion_tokens"], 10);
+    let prompt = encode_fim(&s.tokenizer, PREFIX, SUFFIX).unwrap();
+    assert_eq!(
+        body["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
+        prompt.len()
+    );
+
+    let mut stream = s
+        .engine
+        .submit(GenerateRequest {
+            prompt,
+            max_tokens: 10,
+            sampling: SamplingParams {
+                min_tokens: 10,
+                ..Default::default()
+            },
+            stop_token_ids: vec![2],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    while let Some(ev) = stream.next().await {
+        match ev {
+            EngineEvent::Token(t) => ids.push(t.id),
+            EngineEvent::Finished { .. } => break,
+            EngineEvent::Failed(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(ids.len(), 10);
+    assert_eq!(
+        body["choices"][0]["message"]["content"].as_str().unwrap(),
+        s.tokenizer.decode(&ids)
+    );
+}
+
+fn sse_payloads(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(String::from)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_chunks_concatenate_to_the_non_streamed_text_and_end_with_done() {
+    let s = default_stack().await;
+    let (_, full) = post(&s.app, "/v1/fim/completions", fim_body(12)).await;
+    let mut body = fim_body(12);
+    body["stream"] = json!(true);
+    let (status, headers, text) = call(
+        &s.app,
+        "POST",
+        "/v1/fim/completions",
+        Body::from(body.to_string()),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let payloads = sse_payloads(&text);
+    assert_eq!(payloads.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        streamed,
+        full["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert_eq!(last["usage"]["completion_tokens"], 12);
+
+    // OpenAI legacy completions with a suffix is FIM too: same text.
+    let (status, legacy) = post(
+        &s.app,
+        "/v1/completions",
+        json!({"model": "codestral-latest", "prompt": PREFIX, "suffix": SUFFIX, "temperature": 0, "max_tokens": 12, "min_tokens": 12}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{legacy}");
+    assert_eq!(legacy["object"], "text_completion");
+    assert_eq!(
+        legacy["choices"][0]["text"],
+        full["choices"][0]["message"]["content"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_string_ends_the_text_before_it_with_finish_reason_stop() {
+    let s = default_stack().await;
+    let (_, full) = post(&s.app, "/v1/fim/completions", fim_body(16)).await;
+    let text = full["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Stop on a piece from the middle of the greedy text.
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 6, "greedy text too short to cut: {text:?}");
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let cut = &text[..text.find(&stop).unwrap()];
+    let mut body = fim_body(16);
+    body["stop"] = json!([stop]);
+    let (status, v) = post(&s.app, "/v1/fim/completions", body).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"].as_str().unwrap(), cut);
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_answers_in_the_chat_shape_and_rejects_bad_conversations() {
+    let s = default_stack().await;
+    let (status, v) = post(
+        &s.app,
+        "/v1/chat/completions",
+        json!({"model": "codestral-2405", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a haiku about Rust."}], "max_tokens": 5, "min_tokens": 5, "temperature": 0.5, "random_seed": 7}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+
+    let (status, v) = post(
+        &s.app,
+        "/v1/chat/completions",
+        json!({"model": "codestral-latest", "messages": [{"role": "tool", "content": "x"}]}),
+    )
+    .await;
+    assert_error(status, &v, StatusCode::BAD_REQUEST, "invalid_request");
+    let (status, v) = post(
+        &s.app,
+        "/v1/chat/completions",
+        json!({"model": "codestral-latest", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "system", "content": "c"}, {"role": "user", "content": "d"}]}),
+    )
+    .await;
+    assert_error(status, &v, StatusCode::BAD_REQUEST, "invalid_request");
+    let (status, v) = post(
+        &s.app,
+        "/v1/chat/completions",
+        json!({"model": "codestral-latest", "messages": []}),
+    )
+    .await;
+    assert_error(status, &v, StatusCode::BAD_REQUEST, "invalid_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_input_gets_a_json_error_and_the_server_keeps_serving() {
+    let s = default_stack().await;
+    let app = &s.app;
+    let cases: Vec<(Body, StatusCode, &str)> = vec![
+        (
+            Body::from("{not json"),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Body::from(r#"{"model": "codestral-latest", "prompt": 5}"#),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Body::from(r#"{"model": "codestral-latest"}"#),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Body::from(vec![b'{', b'"', 0xff, 0xfe, b'"', b'}']),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Body::from(r#"{"model": "gpt-4", "prompt": "x"}"#),
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+        ),
+        (
+            Body::from(r#"{"model": "codestral-latest", "prompt": "x", "temperature": 5}"#),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Body::from(r#"{"model": "codestral-latest", "prompt": "x", "top_p": 0}"#),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Body::from(r#"{"model": "codestral-latest", "prompt": "x", "max_tokens": 0}"#),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Body::from(r#"{"model": "codestral-latest", "prompt": "x", "max_tokens": -3}"#),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Body::from(r#"{"model": "codestral-latest", "prompt": "x", "n": 2}"#),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Body::from(r#"{"model": "codestral-latest", "prompt": "x", "max_tokens": 100000}"#),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Body::from(format!(
+                r#"{{"model": "codestral-latest", "prompt": "{}"}}"#,
+                "word ".repeat(2000)
+            )),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Body::from(vec![b' '; 5 << 20]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+    ];
+    for (body, want, code) in cases {
+        let (status, _, text) = call(app, "POST", "/v1/fim/completions", body, &[]).await;
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+        assert_error(status, &v, want, code);
+    }
+    let (status, _, text) = call(app, "GET", "/v1/nope", Body::empty(), &[]).await;
+    assert_error(
+        status,
+        &serde_json::from_str(&text).unwrap(),
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    let (status, _, _) = call(app, "GET", "/v1/fim/completions", Body::empty(), &[]).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    // Still serving.
+    let (status, _) = post(app, "/v1/fim/completions", fim_body(2)).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_guard_v1_but_not_health_ready_or_metrics() {
+    let s = stack(
+        HttpConfig {
+            api_keys: vec!["sekret".into()],
+            ..Default::default()
+        },
+        SchedulerConfig::default(),
+    )
+    .await;
+    let (status, headers, text) = call(&s.app, "GET", "/v1/models", Body::empty(), &[]).await;
+    assert_error(
+        status,
+        &serde_json::from_str(&text).unwrap(),
+        StatusCode::UNAUTHORIZED,
+        "invalid_api_key",
+    );
+    assert_eq!(headers["www-authenticate"], "Bearer");
+    let (status, _, _) = call(
+        &s.app,
+        "GET",
+        "/v1/models",
+        Body::empty(),
+        &[("authorization", "Bearer wrong")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _, text) = call(
+        &s.app,
+        "GET",
+        "/v1/models",
+        Body::empty(),
+        &[("authorization", "Bearer sekret")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let models: Value = serde_json::from_str(&text).unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&"codestral-latest") && ids.contains(&"codestral-2405"),
+        "{ids:?}"
+    );
+    for path in ["/health", "/ready", "/metrics"] {
+        let (status, _, _) = call(&s.app, "GET", path, Body::empty(), &[]).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_with_retry_after() {
+    let s = stack(
+        HttpConfig::default(),
+        SchedulerConfig {
+            max_waiting: 0,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (status, headers, text) = call(
+        &s.app,
+        "POST",
+        "/v1/fim/completions",
+        Body::from(fim_body(2).to_string()),
+        &[],
+    )
+    .await;
+    assert_error(
+        status,
+        &serde_json::from_str(&text).unwrap(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "overloaded",
+    );
+    assert_eq!(headers["retry-after"], "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_report_requests_tokens_latencies_and_kv_usage() {
+    let s = default_stack().await;
+    let (status, _) = post(&s.app, "/v1/fim/completions", fim_body(3)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, headers, text) = call(&s.app, "GET", "/metrics", Body::empty(), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    for needle in [
+        "stral_requests_total{endpoint=\"fim\",status=\"200\"} 1",
+        "stral_generation_tokens_total 3",
+        "stral_kv_blocks_used 0",
+        "stral_time_to_first_token_seconds_count 1",
+        "stral_inter_token_latency_seconds_count 2",
+        "stral_e2e_request_latency_seconds_count 1",
+        "stral_step_duration_seconds_count",
+        "stral_prefix_cache_hit_rate",
+        "stral_ready 1",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    let total: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("stral_kv_blocks_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(total > 0.0);
+}

@@ -18,7 +18,8 @@ use worker::local::LocalTpGroup;
 fn model_dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("stral-e2e-model-{}", std::process::id()));
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("stral-e2e-model");
+        let _ = std::fs::remove_dir_all(&dir);
         synth_model(&dir, "hf");
         dir
     })

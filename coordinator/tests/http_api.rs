@@ -28,7 +28,8 @@ use worker::{CheckpointFormat, ModelConfig};
 fn model_dir() -> std::path::PathBuf {
     static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("stral-http-model-{}", std::process::id()));
+        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("stral-http-model");
+        let _ = std::fs::remove_dir_all(&dir);
         let config = ModelConfig {
             n_layers: 1,
             dim: 64,

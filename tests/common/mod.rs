@@ -50,7 +50,8 @@ pub struct Server {
 impl Server {
     pub fn start(model: &Path, tp: usize, extra: &[&str]) -> Server {
         let port = free_port();
-        let log = std::env::temp_dir().join(format!("stral-serve-{port}.log"));
+        let log =
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("stral-serve-{port}.log"));
         let child = Command::new(stral())
             .args([
                 "serve",

@@ -74,7 +74,8 @@ impl Default for WorkerConfig {
     }
 }
 
-/// Serves the worker protocol on `config.listen` until SIGINT or SIGTERM.
+/// Serves the worker protocol on `config.listen` until SIGINT or SIGTERM, which end
+/// it at once: open `Steps` streams are cut (the coordinator sees them close).
 pub async fn run_worker(config: WorkerConfig) -> Result<(), WorkerError> {
     if let Some(n) = config.threads {
         rayon::ThreadPoolBuilder::new()
@@ -90,22 +91,29 @@ pub async fn run_worker(config: WorkerConfig) -> Result<(), WorkerError> {
         .map_err(|e| WorkerError::Serve(e.to_string()))?;
     tracing::info!(%addr, "worker listening");
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(WorkerService::new(config).into_server())
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
-        .await
-        .map_err(|e| WorkerError::Serve(e.to_string()))
+        .serve_with_incoming(incoming);
+    // Not a graceful shutdown: that would wait for the coordinator to close its
+    // long-lived Steps stream.
+    tokio::select! {
+        served = server => served.map_err(|e| WorkerError::Serve(e.to_string())),
+        () = shutdown_signal() => Ok(()),
+    }
 }
 
-/// [`run_worker`] on a runtime of its own (for `stral worker`).
+/// [`run_worker`] on a runtime of its own (for `stral worker`). A step still running
+/// at shutdown gets a second to finish.
 pub fn run_worker_blocking(config: WorkerConfig) -> Result<(), WorkerError> {
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("worker-rpc")
         .enable_all()
         .build()
-        .map_err(|e| WorkerError::Serve(format!("starting the runtime: {e}")))?
-        .block_on(run_worker(config))
+        .map_err(|e| WorkerError::Serve(format!("starting the runtime: {e}")))?;
+    let served = runtime.block_on(run_worker(config));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    served
 }
 
 async fn shutdown_signal() {

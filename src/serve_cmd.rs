@@ -67,6 +67,10 @@ pub struct ServeArgs {
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16)]
     block_size: usize,
+    /// Fraction of GPU memory a CUDA worker may use (weights, activations, KV cache).
+    /// The CPU backend sizes its KV cache from --kv-cache-mib instead.
+    #[arg(long, default_value_t = 0.90)]
+    gpu_memory_utilization: f64,
     /// KV cache per rank, in MiB (CPU backend).
     #[arg(long, default_value_t = 512)]
     kv_cache_mib: u64,
@@ -88,6 +92,12 @@ impl ServeArgs {
     pub fn into_config(self) -> anyhow::Result<ServeConfig> {
         if matches!(self.device, Device::Cuda) {
             anyhow::bail!("--device cuda is not available yet: the CUDA worker backend arrives with its own issue (the kernels are in kernels/)");
+        }
+        if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
+            anyhow::bail!(
+                "--gpu-memory-utilization must be in (0, 1], got {}",
+                self.gpu_memory_utilization
+            );
         }
         let model_dir = match self.model {
             Some(d) => d,

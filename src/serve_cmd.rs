@@ -71,6 +71,10 @@ pub struct ServeArgs {
     /// The CPU backend sizes its KV cache from --kv-cache-mib instead.
     #[arg(long, default_value_t = 0.90)]
     gpu_memory_utilization: f64,
+    /// Worker math: `cpu` runs the model; `null` checks and mirrors every plan but skips
+    /// the forward pass and answers fixed pseudo-tokens (to measure coordinator overhead).
+    #[arg(long, value_enum, default_value_t = WorkerBackend::Cpu)]
+    worker_backend: WorkerBackend,
     /// KV cache per rank, in MiB (CPU backend).
     #[arg(long, default_value_t = 512)]
     kv_cache_mib: u64,
@@ -80,6 +84,12 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 10)]
     shutdown_grace_s: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum WorkerBackend {
+    Cpu,
+    Null,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -135,7 +145,10 @@ impl ServeArgs {
             listen: SocketAddr::new(self.host, self.port),
             model_dir,
             tp: self.tp,
-            device: "cpu".into(),
+            device: match self.worker_backend {
+                WorkerBackend::Cpu => "cpu".into(),
+                WorkerBackend::Null => "null".into(),
+            },
             workers: self.workers,
             collective_peers: self.collective_peers,
             exe: std::env::current_exe()?,

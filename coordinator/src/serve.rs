@@ -97,7 +97,12 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
             let lw = LocalWorkers::start(LocalWorkersConfig {
                 exe: config.exe.clone(),
                 tp: config.tp,
-                device: config.device.clone(),
+                device: (if config.device == "cuda" {
+                    "cuda"
+                } else {
+                    "cpu"
+                })
+                .to_string(),
             })
             .map_err(ServeError::Workers)?;
             let (w, p) = (lw.grpc_addrs.clone(), lw.collective_addrs.clone());

@@ -68,7 +68,7 @@ impl Default for WorkerConfig {
         Self {
             listen: "127.0.0.1:50051".into(),
             threads: None,
-            collective_connect_timeout: Duration::from_secs(120),
+            collective_connect_timeout: Duration::from_secs(20),
             collective_op_timeout: Duration::from_secs(60),
         }
     }
@@ -293,12 +293,15 @@ impl Inner {
 
     fn load(&self, req: &InitRequest) -> Result<(Engine, InitReply), WorkerError> {
         let config_err = |m: String| Err(WorkerError::Config(m));
-        if !matches!(req.device.as_str(), "" | "cpu") {
+        if !matches!(req.device.as_str(), "" | "cpu" | "null") {
             return config_err(format!(
-                "device '{}': this worker runs on the CPU (device \"cpu\")",
+                "device '{}': this worker runs on the CPU (device \"cpu\", or \"null\" to skip the math)",
                 req.device
             ));
         }
+        // "null": plans are checked and mirrored as usual, but no forward pass runs and
+        // rank 0 answers a fixed pseudo-token; this measures everything but the math.
+        let null_compute = req.device == "null";
         if !matches!(req.dtype.as_str(), "" | "f32") {
             return config_err(format!(
                 "dtype '{}': the CPU backend computes in f32",
@@ -366,7 +369,7 @@ impl Inner {
             kv_bytes = blocks * per_block,
             "shard loaded; allocating the KV cache"
         );
-        let model = CpuModel::new(weights, blocks as usize, bs);
+        let model = CpuModel::new(weights, if null_compute { 1 } else { blocks as usize }, bs);
         let coll: Box<dyn Collective> = match tcp {
             Some(t) if tp > 1 => {
                 tracing::info!(peers = ?t.peer_addrs, "joining the TCP collective");
@@ -399,6 +402,8 @@ impl Inner {
             model,
             coll,
             rank: rank as u32,
+            num_blocks: blocks as usize,
+            null_compute,
             block_size: bs,
             seqs: HashMap::new(),
             failed: None,
@@ -457,6 +462,10 @@ struct Engine {
     model: CpuModel,
     coll: Box<dyn Collective>,
     rank: u32,
+    /// KV blocks the coordinator may use (the cache holds them, except in null mode).
+    num_blocks: usize,
+    /// Skip the forward pass (device "null").
+    null_compute: bool,
     block_size: usize,
     seqs: HashMap<u64, SeqState>,
     /// Why this engine can no longer run steps (the group is out of step).
@@ -496,7 +505,7 @@ impl Engine {
         let cfg = self.model.config().clone();
         let freed: HashSet<u64> = plan.freed.iter().copied().collect();
         let limits = Limits {
-            num_blocks: self.model.num_blocks(),
+            num_blocks: self.num_blocks,
             block_size: self.block_size,
             vocab: cfg.vocab_size,
             max_context: cfg.max_position_embeddings,
@@ -512,12 +521,16 @@ impl Engine {
             })
             .collect();
         let input = StepInput::build(self.block_size, cfg.sliding_window, &chunks);
-        self.model.validate(&input)?;
-        let logits = match self.model.forward(&input, self.coll.as_mut()) {
-            Ok(l) => l,
-            Err(e) => {
-                self.fail(e.to_string());
-                return Err(e);
+        let logits = if self.null_compute {
+            None
+        } else {
+            self.model.validate(&input)?;
+            match self.model.forward(&input, self.coll.as_mut()) {
+                Ok(l) => l,
+                Err(e) => {
+                    self.fail(e.to_string());
+                    return Err(e);
+                }
             }
         };
         // Commit: the plan ran, so its diffs become the mirrored state.
@@ -562,6 +575,16 @@ impl Engine {
         }
         let tokens = match logits {
             Some(logits) => sample_rows(&self.seqs, &sampled, &logits, cfg.vocab_size)?,
+            None if self.null_compute && self.rank == 0 => sampled
+                .iter()
+                .map(|id| SampledToken {
+                    seq_id: *id,
+                    // Any id but a control token, varying so detokenization does real work.
+                    token_id: 1000 + ((id * 7919 + self.seqs[id].cached as u64) % 30000) as u32,
+                    logprob: None,
+                    top_logprobs: Vec::new(),
+                })
+                .collect(),
             None => Vec::new(),
         };
         for id in &sampled {

@@ -91,14 +91,27 @@ impl GrpcExecutor {
         let endpoint = Endpoint::from_shared(uri)
             .map_err(|e| ExecError::Init(format!("bad worker address {addr}: {e}")))?
             .connect_timeout(Duration::from_secs(2));
+        // A worker counts as reached once it answers Health: a connection alone may still
+        // belong to a process that is going away (e.g. one that just crashed).
         loop {
-            match endpoint.connect().await {
-                Ok(ch) => return Ok(WorkerClient::new(ch).max_decoding_message_size(64 << 20)),
-                Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(ExecError::Init(format!("cannot reach worker {addr}: {e}")))
+            let last = match endpoint.connect().await {
+                Ok(ch) => {
+                    let mut client = WorkerClient::new(ch).max_decoding_message_size(64 << 20);
+                    let mut req = tonic::Request::new(pb::HealthRequest {});
+                    req.set_timeout(Duration::from_secs(2));
+                    match client.health(req).await {
+                        Ok(_) => return Ok(client),
+                        Err(s) => s.message().to_string(),
+                    }
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => e.to_string(),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ExecError::Init(format!(
+                    "cannot reach worker {addr}: {last}"
+                )));
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

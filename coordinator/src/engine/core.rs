@@ -318,6 +318,9 @@ impl<E: Executor> Engine<E> {
             }
         }
         let finished = sched.update(plan, &tokens, &stopped);
+        // Publish before telling requests they ended, so that a client that reads the
+        // metrics after its response sees its blocks already free.
+        self.publish_stats(sched);
         for (id, reason) in finished {
             if let Some(live) = self.requests.remove(&id) {
                 let reason = match reason {

@@ -72,11 +72,6 @@ impl LocalWorkers {
         })
     }
 
-    /// Process ids of the running workers, by rank.
-    pub async fn pids(&self) -> Vec<Option<u32>> {
-        self.children.lock().await.iter().map(|c| c.id()).collect()
-    }
-
     /// Stops supervising and kills every worker.
     pub async fn shutdown(self) {
         self.supervisor.abort();

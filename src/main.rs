@@ -2,6 +2,8 @@
 //! `serve` (coordinator), `worker` (one TP rank), `bench` (load generator),
 //! `plan` (capacity planner), `synth` (synthetic checkpoints).
 
+mod bench_cmd;
+mod plan_cmd;
 mod serve_cmd;
 
 use std::path::PathBuf;
@@ -33,9 +35,10 @@ enum Command {
     /// Run one tensor-parallel worker rank (started by `serve`, or by Kubernetes).
     Worker(WorkerArgs),
     /// Load-test a Mistral- or OpenAI-compatible server and report latency percentiles.
-    Bench(PendingArgs),
+    #[command(long_about = bench_cmd::LONG_ABOUT)]
+    Bench(bench_cmd::BenchArgs),
     /// Plan capacity: GPUs, TP and replicas for a workload under a latency SLO.
-    Plan(PendingArgs),
+    Plan(plan_cmd::PlanArgs),
     /// Write a deterministic random checkpoint of a preset in either on-disk layout.
     Synth(SynthArgs),
 }
@@ -57,13 +60,28 @@ struct WorkerArgs {
     /// Compute threads for the forward pass (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Serve only this backend: `cpu` (the reference forward pass), `null` (no math),
+    /// or `sim` (no math, no weights: each step lasts the modelled time of --gpu).
+    /// Default: whatever each Init from the coordinator asks for.
+    #[arg(long, value_enum)]
+    backend: Option<WorkerBackend>,
+    /// GPU the sim backend models: h100, h200, a100 or l40s.
+    #[arg(long, value_parser = parse_gpu, required_if_eq("backend", "sim"))]
+    gpu: Option<worker::sim::GpuKind>,
+    /// Fraction of the modelled GPU's memory for weights, activations and KV (sim).
+    #[arg(long, default_value_t = worker::sim::DEFAULT_MEMORY_UTILIZATION)]
+    gpu_memory_utilization: f64,
 }
 
-#[derive(Args)]
-struct PendingArgs {
-    /// Arguments for the future implementation.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum WorkerBackend {
+    Cpu,
+    Null,
+    Sim,
+}
+
+fn parse_gpu(s: &str) -> Result<worker::sim::GpuKind, String> {
+    s.parse().map_err(|e: worker::WorkerError| e.to_string())
 }
 
 #[derive(Args)]
@@ -116,8 +134,8 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve(a),
         Command::Synth(a) => synth(a),
         Command::Worker(a) => run_worker(a),
-        Command::Bench(_) => pending("bench", "benchmarking and capacity planning"),
-        Command::Plan(_) => pending("plan", "benchmarking and capacity planning"),
+        Command::Bench(a) => bench_cmd::run(a),
+        Command::Plan(a) => plan_cmd::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -128,17 +146,36 @@ fn main() -> ExitCode {
     }
 }
 
-fn pending(cmd: &str, issue: &str) -> anyhow::Result<()> {
-    anyhow::bail!("`stral {cmd}` is not available yet: it arrives with the {issue} work")
-}
-
 fn run_worker(a: WorkerArgs) -> anyhow::Result<()> {
     if matches!(a.device, Device::Cuda) {
         anyhow::bail!("--device cuda is not available yet: the CUDA worker backend arrives with its own issue");
     }
+    if a.gpu.is_some() && a.backend != Some(WorkerBackend::Sim) {
+        anyhow::bail!(
+            "--gpu needs --backend sim (the CPU backends measure, they do not model a GPU)"
+        );
+    }
+    let backend = match (a.backend, a.gpu) {
+        (None, _) => None,
+        (Some(WorkerBackend::Cpu), _) => Some("cpu".to_string()),
+        (Some(WorkerBackend::Null), _) => Some("null".to_string()),
+        (Some(WorkerBackend::Sim), Some(gpu)) => Some(
+            worker::sim::SimDevice {
+                gpu,
+                memory_utilization: a.gpu_memory_utilization,
+            }
+            .device_string(),
+        ),
+        (Some(WorkerBackend::Sim), None) => anyhow::bail!("--backend sim needs --gpu"),
+    };
+    if let Some(b) = &backend {
+        // Fails early on a bad utilization.
+        worker::sim::SimDevice::parse(b)?;
+    }
     worker::service::run_worker_blocking(worker::service::WorkerConfig {
         listen: a.listen,
         threads: a.threads,
+        backend,
         ..Default::default()
     })?;
     Ok(())

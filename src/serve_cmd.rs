@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use coordinator::engine::EngineConfig;
 use coordinator::http::{HttpConfig, DEFAULT_MODEL_NAMES};
+use coordinator::ops::{Ops, OpsConfig};
 use coordinator::serve::ServeConfig;
 use scheduler::SchedulerConfig;
 
@@ -20,7 +21,9 @@ pub struct ServeArgs {
     port: u16,
     /// Checkpoint directory, either layout (params.json + consolidated.safetensors, or
     /// config.json + model-*.safetensors). Default: the embedded tiny model, built once
-    /// and cached.
+    /// and cached. With `--worker-backend sim`: a shape without weights,
+    /// `synthetic:codestral-22b` (the default there) or `synthetic:tiny`, or a
+    /// directory of which only the config is read.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Tensor-parallel ranks (1, 2, 4 or 8; must divide the model's kv heads).
@@ -52,9 +55,32 @@ pub struct ServeArgs {
     #[arg(long)]
     protect_metrics: bool,
     /// Model name clients may send (repeatable). Default: codestral-latest,
-    /// codestral-2405, stral.
+    /// codestral-2405, stral. `NAME=SPEC` makes an alias served by other backends with an
+    /// optional A/B split sticky per key: SPEC is a comma list of `TARGET[#MODEL][@WEIGHT]`,
+    /// TARGET one of `local`, `fallback` or an `http://` URL
+    /// (e.g. `codestral-latest=local@90,fallback#codestral-2501@10`).
     #[arg(long = "served-model-name")]
     served_model_names: Vec<String>,
+    /// Key file (TOML): keys or their SHA-256, name, team, per-key and per-team limits
+    /// (requests/min, tokens/min, tokens/day, concurrent), admin and fallback rules.
+    /// Reloaded on SIGHUP and when the file changes. See README "Keys, limits, fallback".
+    #[arg(long)]
+    keys_config: Option<PathBuf>,
+    /// Another Mistral/OpenAI-compatible endpoint (`http://host:port[/v1]`) that serves
+    /// requests when no worker group is ready, when the queue would break
+    /// --fallback-ttft-budget-ms, or for keys with `fallback = "always"`.
+    #[arg(long)]
+    fallback_url: Option<String>,
+    /// Bearer key sent to the fallback upstream.
+    #[arg(long, env = "STRAL_FALLBACK_API_KEY", hide_env_values = true)]
+    fallback_api_key: Option<String>,
+    /// Spill to the fallback when the expected queue wait plus one step exceeds this.
+    #[arg(long, requires = "fallback_url")]
+    fallback_ttft_budget_ms: Option<u64>,
+    /// Add a `key` label (the key's name from the key file) to the per-key usage series in
+    /// /metrics; the default labels by team only.
+    #[arg(long)]
+    metrics_key_label: bool,
     /// Most sequences in one step (and running at once).
     #[arg(long, default_value_t = 256)]
     max_num_seqs: usize,
@@ -72,9 +98,14 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 0.90)]
     gpu_memory_utilization: f64,
     /// Worker math: `cpu` runs the model; `null` checks and mirrors every plan but skips
-    /// the forward pass and answers fixed pseudo-tokens (to measure coordinator overhead).
+    /// the forward pass and answers fixed pseudo-tokens (to measure coordinator overhead);
+    /// `sim` does the same but each step lasts the modelled time of --gpu, and the KV
+    /// cache is the modelled GPU's (step times are modelled, not measured).
     #[arg(long, value_enum, default_value_t = WorkerBackend::Cpu)]
     worker_backend: WorkerBackend,
+    /// GPU the sim backend models: h100, h200, a100 or l40s.
+    #[arg(long, value_parser = parse_gpu, required_if_eq("worker_backend", "sim"))]
+    gpu: Option<worker::sim::GpuKind>,
     /// KV cache per rank, in MiB (CPU backend).
     #[arg(long, default_value_t = 512)]
     kv_cache_mib: u64,
@@ -90,6 +121,11 @@ pub struct ServeArgs {
 enum WorkerBackend {
     Cpu,
     Null,
+    Sim,
+}
+
+fn parse_gpu(s: &str) -> Result<worker::sim::GpuKind, String> {
+    s.parse().map_err(|e: worker::WorkerError| e.to_string())
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -109,14 +145,48 @@ impl ServeArgs {
                 self.gpu_memory_utilization
             );
         }
+        let sim = match (self.worker_backend, self.gpu) {
+            (WorkerBackend::Sim, Some(gpu)) => Some(worker::sim::SimDevice {
+                gpu,
+                memory_utilization: self.gpu_memory_utilization,
+            }),
+            (WorkerBackend::Sim, None) => anyhow::bail!("--worker-backend sim needs --gpu"),
+            (_, Some(_)) => anyhow::bail!(
+                "--gpu needs --worker-backend sim (the cpu and null backends measure, they do not model a GPU)"
+            ),
+            (_, None) => None,
+        };
         let model_dir = match self.model {
             Some(d) => d,
+            None if sim.is_some() => PathBuf::from("synthetic:codestral-22b"),
             None if self.workers.is_some() => {
                 anyhow::bail!("--workers needs --model (the path as the workers see it)")
             }
             None => worker::embedded::ensure_embedded_model()?,
         };
-        if self.workers.is_none() {
+        let source = model_dir.to_string_lossy().into_owned();
+        if let Some(dev) = sim {
+            if self.workers.is_none() {
+                // Fails early when the modelled GPUs cannot hold the model.
+                let cfg = worker::sim::model_config(&source)?;
+                let m = worker::sim::StepTimeModel::new(cfg, dev.gpu.spec(), self.tp)?;
+                let blocks = m.kv_capacity_blocks(
+                    self.block_size,
+                    dev.memory_utilization,
+                    self.max_num_batched_tokens,
+                    self.max_num_seqs,
+                )?;
+                tracing::warn!(
+                    device = %dev.device_string(),
+                    model = %source,
+                    tp = self.tp,
+                    kv_blocks = blocks,
+                    "sim backend: no weights, no math; step times are MODELLED for this GPU, not measured"
+                );
+            }
+        } else if worker::sim::is_synthetic(&source) {
+            anyhow::bail!("--model {source} is a shape without weights: serve it with --worker-backend sim --gpu GPU");
+        } else if self.workers.is_none() {
             let (cfg, _) = worker::ModelConfig::from_dir(&model_dir)?;
             cfg.check_tp(self.tp)?;
         }
@@ -136,18 +206,44 @@ impl ServeArgs {
                     .map(String::from),
             );
         }
+        let aliases: Vec<String> = self
+            .served_model_names
+            .iter()
+            .filter(|n| n.contains('='))
+            .cloned()
+            .collect();
         let served_model_names = if self.served_model_names.is_empty() {
             DEFAULT_MODEL_NAMES.iter().map(|s| s.to_string()).collect()
         } else {
             self.served_model_names
+                .iter()
+                .map(|n| n.split_once('=').map_or(n.as_str(), |x| x.0).trim().to_string())
+                .collect()
+        };
+        let ops_config = OpsConfig {
+            key_file: self.keys_config,
+            plain_keys: api_keys.clone(),
+            fallback_url: self.fallback_url,
+            fallback_api_key: self.fallback_api_key,
+            fallback_ttft_budget: self.fallback_ttft_budget_ms.map(Duration::from_millis),
+            max_num_seqs: self.max_num_seqs,
+            aliases,
+            metrics_key_label: self.metrics_key_label,
+            ..OpsConfig::default()
+        };
+        let ops = if ops_config.is_active() {
+            Some(Ops::new(ops_config)?)
+        } else {
+            None
         };
         Ok(ServeConfig {
             listen: SocketAddr::new(self.host, self.port),
             model_dir,
             tp: self.tp,
-            device: match self.worker_backend {
-                WorkerBackend::Cpu => "cpu".into(),
-                WorkerBackend::Null => "null".into(),
+            device: match (self.worker_backend, sim) {
+                (_, Some(dev)) => dev.device_string(),
+                (WorkerBackend::Null, _) => "null".into(),
+                _ => "cpu".into(),
             },
             workers: self.workers,
             collective_peers: self.collective_peers,
@@ -156,6 +252,7 @@ impl ServeArgs {
                 served_model_names,
                 api_keys,
                 protect_metrics: self.protect_metrics,
+                ops,
             },
             engine: EngineConfig {
                 scheduler: SchedulerConfig {

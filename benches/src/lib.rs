@@ -4,3 +4,6 @@
 //! open and closed loop; TTFT/TPOT/ITL/E2E percentiles, goodput, plots), the
 //! step-time model behind the sim backend, and the `stral plan` capacity planner.
 //! Measured results live in `benches/RESULTS.md`.
+
+pub mod bench;
+pub mod plan;

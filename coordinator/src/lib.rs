@@ -3,7 +3,8 @@
 //! Owns (ARCHITECTURE §1, §7): the HTTP API (Mistral FIM/chat, OpenAI), auth,
 //! the Codestral tokenizer and prompt templates, the engine loop
 //! (`schedule → execute → update`) over the `scheduler` crate, gRPC clients for the
-//! workers, and Prometheus metrics. Invariant: workers only mirror block-table
+//! workers, Prometheus metrics, and the ops layer (per-key limits, usage, upstream
+//! fallback, model aliases). Invariant: workers only mirror block-table
 //! diffs sent from here; a worker can be restarted from scratch.
 
 pub mod detok;
@@ -11,6 +12,7 @@ pub mod engine;
 pub mod http;
 pub mod launch;
 pub mod metrics;
+pub mod ops;
 pub mod prompt;
 pub mod serve;
 pub mod tokenizer;

@@ -45,6 +45,41 @@ impl Histogram {
             .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
     }
 
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Sum of the observations, in seconds.
+    pub fn sum_seconds(&self) -> f64 {
+        self.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
+    /// Mean of the observations, `None` before the first one.
+    pub fn mean_seconds(&self) -> Option<f64> {
+        let n = self.count.load(Ordering::Relaxed);
+        (n > 0).then(|| self.sum_us.load(Ordering::Relaxed) as f64 / 1e6 / n as f64)
+    }
+
+    /// The `_bucket`/`_sum`/`_count` lines of one labelled series (`labels` like
+    /// `team="a"`), without HELP/TYPE.
+    pub fn render_series(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (b, c) in LATENCY_BUCKETS.iter().zip(&self.counts) {
+            cumulative += c.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "{name}_sum{{{labels}}} {}",
+            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cumulative = 0;
@@ -193,6 +228,13 @@ impl Metrics {
             "stral_step_duration_seconds",
             "Wall time of one engine step (schedule, execute, update).",
         );
+        for (h, name, help) in [
+            (&engine.phases.engine, "stral_step_engine_seconds", "Per step, the engine's critical path: schedule, plan, submit, and the update after the answers."),
+            (&engine.phases.worker, "stral_step_worker_seconds", "Per step, the longest time a worker rank reported (checks, forward pass, sampling)."),
+            (&engine.phases.transport, "stral_step_transport_seconds", "Per step, wall time outside the engine and the workers: gRPC encode/decode, network, wake-ups."),
+        ] {
+            h.render(&mut out, name, help);
+        }
         out
     }
 }

@@ -121,6 +121,9 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
         ..Default::default()
     });
     let (engine, engine_task) = run_engine(exec, config.engine.clone());
+    if let Some(ops) = &config.http.ops {
+        tokio::spawn(ops.clone().watch_key_file());
+    }
     let metrics = Arc::new(Metrics::default());
     let state = AppState::new(engine.clone(), tokenizer, config.http.clone(), metrics);
     let listener = tokio::net::TcpListener::bind(config.listen)

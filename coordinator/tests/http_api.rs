@@ -291,6 +291,12 @@ async fn a_stop_string_ends_the_text_before_it_with_finish_reason_stop() {
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["choices"][0]["message"]["content"].as_str().unwrap(), cut);
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    // Ended by a stop string, before the engine's final event: the cache figure came
+    // with the first token.
+    assert!(
+        v["usage"]["prompt_tokens_details"]["cached_tokens"].is_u64(),
+        "{v}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -533,4 +539,99 @@ async fn metrics_report_requests_tokens_latencies_and_kv_usage() {
         .parse()
         .unwrap();
     assert!(total > 0.0);
+    // Every step's wall time is split into engine, worker and transport shares.
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("missing {name}"))
+            .parse()
+            .unwrap()
+    };
+    let steps = value("stral_step_duration_seconds_count");
+    assert!(steps >= 3.0, "{steps} steps for 3 tokens");
+    let mut parts = 0.0;
+    for phase in ["engine", "worker", "transport"] {
+        assert_eq!(value(&format!("stral_step_{phase}_seconds_count")), steps);
+        parts += value(&format!("stral_step_{phase}_seconds_sum"));
+    }
+    assert!(value("stral_step_engine_seconds_sum") > 0.0);
+    assert!(value("stral_step_worker_seconds_sum") > 0.0, "the CPU forward pass takes time");
+    let wall = value("stral_step_duration_seconds_sum");
+    assert!(
+        (parts - wall).abs() <= 1e-5 * steps + 1e-6,
+        "phases sum to {parts} s, steps to {wall} s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_prompt_reports_its_prefix_cache_hit_in_usage_cached_tokens() {
+    let s = default_stack().await;
+    // Several full 16-token KV blocks of prompt, sent twice, streamed and not.
+    let prompt = "fn f(x: u32) -> u32 {\n    x * 2\n}\n".repeat(8);
+    let body = json!({"model": "codestral-latest", "prompt": prompt, "suffix": "", "temperature": 0, "max_tokens": 2, "min_tokens": 2});
+    let (status, first) = post(&s.app, "/v1/fim/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let prompt_tokens = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 32, "{first}");
+    assert_eq!(
+        first["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "{first}"
+    );
+    let (status, second) = post(&s.app, "/v1/fim/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        cached > 0 && cached < prompt_tokens && cached % 16 == 0,
+        "cached {cached} of {prompt_tokens}: {second}"
+    );
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let (status, _, text) = call(
+        &s.app,
+        "POST",
+        "/v1/fim/completions",
+        Body::from(streamed.to_string()),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let payloads = sse_payloads(&text);
+    let last: Value = serde_json::from_str(&payloads[payloads.len() - 2]).unwrap();
+    assert_eq!(
+        last["usage"]["prompt_tokens_details"]["cached_tokens"], cached,
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_json_restricts_model_to_the_served_names_and_documents_cached_tokens() {
+    let s = stack(
+        HttpConfig {
+            served_model_names: vec!["my-model".into(), "codestral-latest".into()],
+            ..Default::default()
+        },
+        SchedulerConfig::default(),
+    )
+    .await;
+    let (status, headers, text) = call(&s.app, "GET", "/openapi.json", Body::empty(), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+    let doc: Value = serde_json::from_str(&text).unwrap();
+    for request in ["FimRequest", "ChatRequest", "CompletionRequest"] {
+        assert_eq!(
+            doc["components"]["schemas"][request]["allOf"][1]["properties"]["model"]["enum"],
+            json!(["my-model", "codestral-latest"]),
+            "{request}"
+        );
+    }
+    assert_eq!(
+        doc["components"]["schemas"]["Usage"]["properties"]["prompt_tokens_details"]["properties"]
+            ["cached_tokens"]["type"],
+        "integer"
+    );
 }

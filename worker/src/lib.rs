@@ -2,7 +2,8 @@
 //!
 //! Owns (ARCHITECTURE §2, §3): the model config, checkpoint loading and sharding
 //! (safetensors, memory-mapped, only this rank's slices), synthetic checkpoints, the
-//! `Backend` that runs the forward pass (the CPU f32 reference here), and the
+//! `Backend` that runs the forward pass (the CPU f32 reference, or the sim backend's
+//! modelled GPU step times), and the
 //! `Collective` all-reduce between ranks (in-process, and over TCP between worker
 //! processes), rank 0's sampler, and the gRPC worker service. Invariant: a worker
 //! never owns block tables; it is handed them per step and only mirrors them.
@@ -16,6 +17,7 @@ pub mod model;
 pub mod safetensors_io;
 pub mod sampler;
 pub mod service;
+pub mod sim;
 pub mod synth;
 pub mod tcp_collective;
 

@@ -118,6 +118,9 @@ impl RankWeights {
         };
         let embed = full(Param::Embed, cfg.vocab_size)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
+        // Without a bar (a worker process), progress goes to the log, one line per layer.
+        let started = std::time::Instant::now();
+        let mut loaded_floats = embed.len();
         for i in 0..cfg.n_layers {
             let mut wqkv = rows(Param::Wq(i), l.heads * hd)?;
             wqkv.extend(rows(Param::Wk(i), l.kv_heads * hd)?);
@@ -132,6 +135,19 @@ impl RankWeights {
                 w13,
                 w2: cols(Param::W2(i), l.ffn)?,
             });
+            if !progress {
+                let w = &layers[i];
+                loaded_floats += w.wqkv.len() + w.wo.len() + w.w13.len() + w.w2.len() + 2 * cfg.dim;
+                tracing::info!(
+                    rank = r,
+                    tp = shard.tp,
+                    layer = i + 1,
+                    of = cfg.n_layers,
+                    mib = (loaded_floats * 4) >> 20,
+                    seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+                    "loading shard"
+                );
+            }
         }
         let norm = full(Param::Norm, cfg.dim)?;
         let lm_head = rows(Param::Output, l.vocab)?;

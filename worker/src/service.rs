@@ -1,7 +1,8 @@
 //! The gRPC `Worker` service (`proto/worker.proto`): one tensor-parallel rank as a
 //! process, driven by the coordinator over a bidirectional stream of step plans.
 //!
-//! Owns this rank's [`CpuModel`] (weights + KV cache), its [`Collective`] with the
+//! Owns this rank's compute — the [`CpuModel`] (weights + KV cache), or for device
+//! `sim:<gpu>` a [`StepTimeModel`] and no weights at all — its [`Collective`] with the
 //! other ranks, and a mirror of every live sequence's block table, cached-token
 //! count and sampler. `Init` replaces all of it; `Steps` executes plans in arrival
 //! order on a blocking thread (the async runtime only moves messages).
@@ -18,6 +19,11 @@
 //!   of step: the worker then answers every plan with that error and reports
 //!   `ok = false` in `Health` until the next `Init`.
 //! - Every plan gets exactly one `StepResult`, with its step number, on every rank.
+//! - Devices "null" and "sim:<gpu>" check and mirror plans exactly as "cpu" does but
+//!   run no forward pass; rank 0 answers pseudo-tokens. A sim rank then sleeps until
+//!   the step's modelled GPU time has passed since the step began, reports the
+//!   modelled KV capacity as `num_kv_blocks`, and joins no collective (the all-reduce
+//!   cost is in the model); its `Health` detail says its times are modelled.
 //!
 //! Costs per step besides the forward pass: O(Σ block-table lengths) to build the
 //! attention metadata, O(vocab) per sampled sequence on rank 0 (rows sampled in
@@ -46,8 +52,9 @@ use crate::checkpoint::Checkpoint;
 use crate::collective::{Collective, SoloCollective};
 use crate::model::{CpuModel, RankWeights, SeqChunk, ShardSpec, StepInput};
 use crate::sampler::{SamplingParams, SeqSampler, EOS_TOKEN_ID};
+use crate::sim::{self, SeqWork, SimDevice, StepTimeModel};
 use crate::tcp_collective::{TcpCollective, TcpGroup};
-use crate::WorkerError;
+use crate::{ModelConfig, WorkerError};
 
 /// How a worker process serves (the `stral worker` flags map onto this).
 #[derive(Clone, Debug)]
@@ -61,6 +68,10 @@ pub struct WorkerConfig {
     /// How long a collective waits for a peer's data before the group is declared
     /// broken (a hung peer); a peer that dies is detected at once.
     pub collective_op_timeout: Duration,
+    /// The device this process was started for (`stral worker --backend`, e.g. "cpu",
+    /// "null", "sim:h100"): an Init with device "" gets it, an Init asking for another
+    /// device is refused. `None` serves whatever each Init asks for.
+    pub backend: Option<String>,
 }
 
 impl Default for WorkerConfig {
@@ -70,6 +81,7 @@ impl Default for WorkerConfig {
             threads: None,
             collective_connect_timeout: Duration::from_secs(20),
             collective_op_timeout: Duration::from_secs(60),
+            backend: None,
         }
     }
 }
@@ -217,13 +229,22 @@ impl Worker for WorkerService {
                 }
                 let step = plan.step;
                 let exec = inner.clone();
-                let result = tokio::task::spawn_blocking(move || exec.execute(plan))
-                    .await
-                    .unwrap_or_else(|e| StepResult {
-                        step,
-                        error: format!("step failed unexpectedly: {e}"),
-                        ..Default::default()
-                    });
+                // On a multi-threaded runtime the step runs right here (the runtime moves
+                // its other tasks to another thread), saving two thread hand-offs per
+                // step; elsewhere (e.g. single-threaded test runtimes) on a blocking thread.
+                let result = if tokio::runtime::Handle::current().runtime_flavor()
+                    == tokio::runtime::RuntimeFlavor::MultiThread
+                {
+                    tokio::task::block_in_place(move || exec.execute(plan))
+                } else {
+                    tokio::task::spawn_blocking(move || exec.execute(plan))
+                        .await
+                        .unwrap_or_else(|e| StepResult {
+                            step,
+                            error: format!("step failed unexpectedly: {e}"),
+                            ..Default::default()
+                        })
+                };
                 if tx.send(Ok(result)).await.is_err() {
                     break;
                 }
@@ -278,7 +299,7 @@ impl Inner {
                     rank: reply.rank,
                     tp_world_size: reply.tp_world_size,
                     num_kv_blocks: reply.num_kv_blocks,
-                    detail: "ready".into(),
+                    detail: slot.as_ref().map_or_else(String::new, Engine::describe),
                 };
                 tracing::info!(num_kv_blocks = reply.num_kv_blocks, "worker ready");
                 Ok(reply)
@@ -293,10 +314,34 @@ impl Inner {
 
     fn load(&self, req: &InitRequest) -> Result<(Engine, InitReply), WorkerError> {
         let config_err = |m: String| Err(WorkerError::Config(m));
+        let resolved;
+        let req = match (&self.config.backend, req.device.as_str()) {
+            (None, _) => req,
+            (Some(b), d) if d == b.as_str() => req,
+            (Some(b), "") => {
+                resolved = InitRequest {
+                    device: b.clone(),
+                    ..req.clone()
+                };
+                &resolved
+            }
+            (Some(b), d) => return config_err(format!(
+                "device '{d}': this worker was started for device '{b}' (stral worker --backend)"
+            )),
+        };
+        if let Some(dev) = SimDevice::parse(&req.device)? {
+            return load_sim(req, dev);
+        }
         if !matches!(req.device.as_str(), "" | "cpu" | "null") {
             return config_err(format!(
-                "device '{}': this worker runs on the CPU (device \"cpu\", or \"null\" to skip the math)",
+                "device '{}': this worker runs on the CPU (device \"cpu\", \"null\" to skip the math, or \"sim:<gpu>\" to model a GPU)",
                 req.device
+            ));
+        }
+        if sim::is_synthetic(&req.model_path) {
+            return config_err(format!(
+                "model '{}' is a shape without weights: only a sim device (\"sim:<gpu>\") can serve it",
+                req.model_path
             ));
         }
         // "null": plans are checked and mirrored as usual, but no forward pass runs and
@@ -399,11 +444,14 @@ impl Inner {
             tp_world_size: tp as u32,
         };
         let engine = Engine {
-            model,
+            cfg,
+            compute: Compute::Cpu {
+                model,
+                skip_math: null_compute,
+            },
             coll,
             rank: rank as u32,
             num_blocks: blocks as usize,
-            null_compute,
             block_size: bs,
             seqs: HashMap::new(),
             failed: None,
@@ -459,13 +507,13 @@ impl Inner {
 
 /// One rank's model, collective and mirrored sequences.
 struct Engine {
-    model: CpuModel,
+    cfg: ModelConfig,
+    compute: Compute,
     coll: Box<dyn Collective>,
     rank: u32,
-    /// KV blocks the coordinator may use (the cache holds them, except in null mode).
+    /// KV blocks the coordinator may use (the cache holds them, except in null and sim
+    /// mode).
     num_blocks: usize,
-    /// Skip the forward pass (device "null").
-    null_compute: bool,
     block_size: usize,
     seqs: HashMap<u64, SeqState>,
     /// Why this engine can no longer run steps (the group is out of step).
@@ -490,7 +538,111 @@ struct Checked<'a, 'p> {
     fresh: Option<SeqSampler>,
 }
 
+/// What runs a step.
+enum Compute {
+    /// The CPU reference forward pass; `skip_math` for device "null".
+    Cpu { model: CpuModel, skip_math: bool },
+    /// No math, no weights: each step lasts its modelled GPU time.
+    Sim {
+        model: StepTimeModel,
+        device: String,
+    },
+}
+
+/// Init for a `sim:<gpu>` device: the model's shape only, the modelled KV capacity,
+/// no collective.
+fn load_sim(req: &InitRequest, dev: SimDevice) -> Result<(Engine, InitReply), WorkerError> {
+    let (tp, rank, bs) = (
+        req.tp_world_size as usize,
+        req.rank as usize,
+        req.block_size as usize,
+    );
+    if tp == 0 || rank >= tp {
+        return Err(WorkerError::Config(format!(
+            "rank {rank} is outside a TP group of {tp}"
+        )));
+    }
+    if bs == 0 {
+        return Err(WorkerError::Config("block_size must be > 0".into()));
+    }
+    if !matches!(req.dtype.as_str(), "" | "bf16") {
+        return Err(WorkerError::Config(format!(
+            "dtype '{}': the sim models bf16 serving",
+            req.dtype
+        )));
+    }
+    let cfg = sim::model_config(&req.model_path)?;
+    let model = StepTimeModel::new(cfg.clone(), dev.gpu.spec(), tp)?;
+    // The modelled GPU's memory sizes the cache; `kv_cache_bytes` is a CPU budget.
+    let defaults = scheduler_defaults();
+    let mut blocks =
+        model.kv_capacity_blocks(bs, dev.memory_utilization, defaults.0, defaults.1)?;
+    if let Some(m) = req.max_kv_blocks {
+        blocks = blocks.min(u64::from(m));
+    }
+    let blocks = blocks.min(u64::from(u32::MAX));
+    if blocks == 0 {
+        return Err(WorkerError::Config("max_kv_blocks must be > 0".into()));
+    }
+    let device = dev.device_string();
+    tracing::info!(
+        %device,
+        model = %req.model_path,
+        tp,
+        rank,
+        kv_blocks = blocks,
+        decode_step_us_batch1 = model.decode_step(1, 512).total_us,
+        "sim worker: no weights loaded; step times are modelled, not measured"
+    );
+    let reply = InitReply {
+        num_kv_blocks: blocks as u32,
+        block_size: bs as u32,
+        kv_bytes_per_block: model.kv_bytes_per_block(bs),
+        model: Some(ModelFacts {
+            vocab_size: cfg.vocab_size as u32,
+            n_layers: cfg.n_layers as u32,
+            max_position_embeddings: cfg.max_position_embeddings as u32,
+            sliding_window: cfg.sliding_window,
+            eos_token_id: EOS_TOKEN_ID,
+        }),
+        rank: rank as u32,
+        tp_world_size: tp as u32,
+    };
+    let engine = Engine {
+        cfg,
+        compute: Compute::Sim { model, device },
+        coll: Box::new(SoloCollective),
+        rank: rank as u32,
+        num_blocks: blocks as usize,
+        block_size: bs,
+        seqs: HashMap::new(),
+        failed: None,
+    };
+    Ok((engine, reply))
+}
+
+/// `max_num_batched_tokens` and `max_num_seqs` the coordinator uses by default; the
+/// sim reserves activation memory for them (Init does not carry them).
+fn scheduler_defaults() -> (usize, usize) {
+    (8192, 256)
+}
+
 impl Engine {
+    /// The `Health` detail of a ready engine.
+    fn describe(&self) -> String {
+        match &self.compute {
+            Compute::Cpu {
+                skip_math: false, ..
+            } => "ready".into(),
+            Compute::Cpu {
+                skip_math: true, ..
+            } => "ready (null: no math, pseudo-tokens)".into(),
+            Compute::Sim { device, .. } => format!(
+                "ready ({device}: step times are modelled for that GPU, not measured; pseudo-tokens)"
+            ),
+        }
+    }
+
     fn fail(&mut self, why: String) {
         tracing::error!(rank = self.rank, error = %why, "worker group broken");
         self.failed.get_or_insert(why);
@@ -502,7 +654,8 @@ impl Engine {
                 "the worker group is broken ({why}); re-Init it"
             )));
         }
-        let cfg = self.model.config().clone();
+        let started = Instant::now();
+        let cfg = &self.cfg;
         let freed: HashSet<u64> = plan.freed.iter().copied().collect();
         let limits = Limits {
             num_blocks: self.num_blocks,
@@ -511,26 +664,43 @@ impl Engine {
             max_context: cfg.max_position_embeddings,
         };
         let checked = check_plan(&self.seqs, &freed, limits, plan)?;
-        let chunks: Vec<SeqChunk<'_>> = checked
-            .iter()
-            .map(|c| SeqChunk {
-                block_table: &c.block_table,
-                cached: c.cached,
-                tokens: &c.seq.tokens,
-                sample: c.seq.sample,
-            })
-            .collect();
-        let input = StepInput::build(self.block_size, cfg.sliding_window, &chunks);
-        let logits = if self.null_compute {
-            None
-        } else {
-            self.model.validate(&input)?;
-            match self.model.forward(&input, self.coll.as_mut()) {
-                Ok(l) => l,
-                Err(e) => {
-                    self.fail(e.to_string());
-                    return Err(e);
+        let vocab = cfg.vocab_size;
+        let (logits, sim_deadline) = match &mut self.compute {
+            Compute::Cpu {
+                model,
+                skip_math: false,
+            } => {
+                let chunks: Vec<SeqChunk<'_>> = checked
+                    .iter()
+                    .map(|c| SeqChunk {
+                        block_table: &c.block_table,
+                        cached: c.cached,
+                        tokens: &c.seq.tokens,
+                        sample: c.seq.sample,
+                    })
+                    .collect();
+                let input = StepInput::build(self.block_size, cfg.sliding_window, &chunks);
+                model.validate(&input)?;
+                match model.forward(&input, self.coll.as_mut()) {
+                    Ok(l) => (l, None),
+                    Err(e) => {
+                        self.fail(e.to_string());
+                        return Err(e);
+                    }
                 }
+            }
+            Compute::Cpu { .. } => (None, None),
+            Compute::Sim { model, .. } => {
+                let work: Vec<SeqWork> = checked
+                    .iter()
+                    .map(|c| SeqWork {
+                        new_tokens: c.seq.tokens.len() as u32,
+                        cached: c.cached as u32,
+                        sample: c.seq.sample,
+                    })
+                    .collect();
+                let us = model.step(&work).total_us;
+                (None, Some(started + Duration::from_secs_f64(us * 1e-6)))
             }
         };
         // Commit: the plan ran, so its diffs become the mirrored state.
@@ -574,13 +744,12 @@ impl Engine {
             }
         }
         let tokens = match logits {
-            Some(logits) => sample_rows(&self.seqs, &sampled, &logits, cfg.vocab_size)?,
-            None if self.null_compute && self.rank == 0 => sampled
+            Some(logits) => sample_rows(&self.seqs, &sampled, &logits, vocab)?,
+            None if self.rank == 0 => sampled
                 .iter()
                 .map(|id| SampledToken {
                     seq_id: *id,
-                    // Any id but a control token, varying so detokenization does real work.
-                    token_id: 1000 + ((id * 7919 + self.seqs[id].cached as u64) % 30000) as u32,
+                    token_id: sim::pseudo_token(*id, self.seqs[id].cached),
                     logprob: None,
                     top_logprobs: Vec::new(),
                 })
@@ -591,6 +760,9 @@ impl Engine {
             if let Some(st) = self.seqs.get_mut(id) {
                 st.sampler.advance();
             }
+        }
+        if let Some(deadline) = sim_deadline {
+            sim::sleep_until(deadline);
         }
         Ok(tokens)
     }

@@ -79,6 +79,9 @@ pub struct TokenEvent {
     pub logprob: Option<f32>,
     /// `(token id, logprob)` of the most likely alternatives, when asked for.
     pub top_logprobs: Vec<(u32, f32)>,
+    /// On a request's first token only: prompt tokens the prefix cache served (also in
+    /// `Finished`, which a request ended early by a stop string never reads).
+    pub cached_tokens: Option<u32>,
 }
 
 /// What a request's stream yields, in order: tokens, then exactly one of

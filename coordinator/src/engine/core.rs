@@ -2,7 +2,9 @@
 //! between steps; `schedule → execute → update`; fans tokens out to requests.
 //!
 //! Costs per step, beyond the executor: one scheduler round (O(running) plus O(1) per
-//! block), one channel send per sampled token, and a stats snapshot under a mutex.
+//! block), one channel send per sampled token, and a stats snapshot under a mutex. The
+//! sends and the snapshot overlap the workers' compute of the next step (see
+//! [`Engine::serve`]); the workers wait only for `update → schedule → submit`.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -15,7 +17,7 @@ use tokio::task::JoinHandle;
 
 use super::api::{EngineError, EngineEvent, FinishReason, GenerateRequest, RequestId, TokenEvent};
 use super::executor::{ExecError, Executor, GroupFacts, Sampled, SeqWork, WorkPlan};
-use super::{Command, EngineHandle, Shared};
+use super::{Command, EngineHandle, Shared, StepPhases};
 use crate::metrics::Histogram;
 
 /// Engine settings (the scheduler's own live in [`SchedulerConfig`]).
@@ -44,7 +46,8 @@ pub fn run_engine<E: Executor>(
 ) -> (EngineHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let step_time = Arc::new(Histogram::default());
-    let handle = EngineHandle::new(tx, step_time.clone());
+    let phases = Arc::new(StepPhases::default());
+    let handle = EngineHandle::new(tx, step_time.clone(), phases.clone());
     let shared = handle.shared().clone();
     // The loop must not keep the command channel alive: it ends when every handle is gone.
     let task = tokio::spawn(async move {
@@ -54,7 +57,10 @@ pub fn run_engine<E: Executor>(
             shared,
             rx,
             step_time,
+            phases,
             requests: HashMap::new(),
+            pending: Vec::new(),
+            finished: Vec::new(),
             steps: 0,
         };
         engine.run().await;
@@ -77,7 +83,12 @@ struct Engine<E: Executor> {
     shared: Arc<Shared>,
     rx: mpsc::UnboundedReceiver<Command>,
     step_time: Arc<Histogram>,
+    phases: Arc<StepPhases>,
     requests: HashMap<RequestId, Live>,
+    /// Token events of the last step, not yet sent (see [`Engine::deliver`]).
+    pending: Vec<(RequestId, EngineEvent)>,
+    /// Requests the last step finished, not yet told.
+    finished: Vec<(RequestId, scheduler::FinishReason)>,
     steps: u64,
 }
 
@@ -127,6 +138,8 @@ impl<E: Executor> Engine<E> {
             match stop {
                 Stop::Closed => return,
                 Stop::WorkersLost(e) => {
+                    // What the last good step produced still reaches its readers.
+                    self.deliver(&sched);
                     tracing::error!(error = %e, in_flight = self.requests.len(), "worker group lost; failing in-flight requests");
                     let msg = e.to_string();
                     for (_, live) in self.requests.drain() {
@@ -166,11 +179,14 @@ impl<E: Executor> Engine<E> {
         }
     }
 
+    /// The step loop. Overlap: once step k+1's plan is on its way to the workers, the
+    /// engine delivers step k's tokens and final events and publishes its stats while
+    /// the workers compute, so the workers wait only for `update → schedule → submit`.
     async fn serve(&mut self, sched: &mut Scheduler) -> Stop {
         loop {
             // Apply queued commands; when idle, wait for one.
             if !sched.has_work() {
-                self.publish_stats(sched);
+                self.deliver(sched);
                 match self.rx.recv().await {
                     Some(cmd) => self.apply(sched, cmd),
                     None => return Stop::Closed,
@@ -183,6 +199,7 @@ impl<E: Executor> Engine<E> {
             let plan = sched.schedule(self.now());
             let work = self.work_plan(&plan);
             if work.seqs.is_empty() && work.freed.is_empty() {
+                self.deliver(sched);
                 // Nothing runnable right now (e.g. waiting for blocks): wait for a command
                 // rather than spin.
                 if let Ok(Some(cmd)) =
@@ -192,12 +209,20 @@ impl<E: Executor> Engine<E> {
                 }
                 continue;
             }
-            let sampled = match self.exec.execute(&work).await {
+            let submitted = self.exec.submit(work).await;
+            let critical = started.elapsed();
+            // While the workers run this step: the previous step's deliveries.
+            self.deliver(sched);
+            let out = match submitted {
+                Ok(()) => self.exec.collect().await,
+                Err(e) => Err(e),
+            };
+            let out = match out {
                 Ok(s) => s,
                 Err(e @ ExecError::Rejected { .. }) => {
                     // A plan the workers cannot run is our bug: fail its sequences, keep serving.
                     tracing::error!(error = %e, "step rejected");
-                    for s in &work.seqs {
+                    for s in &plan.seqs {
                         sched.abort(s.seq_id);
                         if let Some(live) = self.requests.remove(&s.seq_id) {
                             let _ = live
@@ -209,10 +234,20 @@ impl<E: Executor> Engine<E> {
                 }
                 Err(e) => return Stop::WorkersLost(e),
             };
-            self.update(sched, &plan, sampled);
+            let collected = Instant::now();
+            self.update(sched, &plan, out.sampled);
             self.steps += 1;
-            self.step_time.observe(started.elapsed().as_secs_f64());
-            self.publish_stats(sched);
+            let wall = started.elapsed();
+            self.step_time.observe(wall.as_secs_f64());
+            // The engine's own share of the step: planning up to the submit, plus the
+            // update after the answers; the workers' reported time is theirs, and the
+            // rest is transport.
+            let engine_us = (critical + collected.elapsed()).as_micros() as u64;
+            self.phases.observe(
+                engine_us,
+                out.worker_us,
+                (wall.as_micros() as u64).saturating_sub(engine_us + out.worker_us),
+            );
         }
     }
 
@@ -287,41 +322,60 @@ impl<E: Executor> Engine<E> {
                 reset: s.reset,
                 sampling: s.reset.then(|| live.request.sampling.clone()),
                 generated: live.generated,
-                stop_token_ids: live.request.stop_token_ids.clone(),
+                stop_token_ids: if s.reset {
+                    live.request.stop_token_ids.clone()
+                } else {
+                    Vec::new()
+                },
             });
         }
         work
     }
 
+    /// Applies a step's sampled tokens to the scheduler. Token and final events are
+    /// queued for [`deliver`](Self::deliver): a reader that is gone already counts as
+    /// stopped here, so its blocks are freed in this update.
     fn update(&mut self, sched: &mut Scheduler, plan: &scheduler::StepPlan, sampled: Vec<Sampled>) {
         let mut tokens = Vec::with_capacity(sampled.len());
         let mut stopped = Vec::new();
-        for s in &sampled {
+        for s in sampled {
             let Some(live) = self.requests.get_mut(&s.seq_id) else {
                 continue;
             };
             live.generated += 1;
             tokens.push((s.seq_id, s.token));
-            if live.request.stop_token_ids.contains(&s.token) {
+            if live.request.stop_token_ids.contains(&s.token) || live.events.is_closed() {
                 stopped.push(s.seq_id);
-            } else if live
-                .events
-                .send(EngineEvent::Token(TokenEvent {
-                    id: s.token,
-                    logprob: s.logprob,
-                    top_logprobs: s.top_logprobs.clone(),
-                }))
-                .is_err()
-            {
-                // Reader gone: abort below.
-                stopped.push(s.seq_id);
+            } else {
+                self.pending.push((
+                    s.seq_id,
+                    EngineEvent::Token(TokenEvent {
+                        id: s.token,
+                        logprob: s.logprob,
+                        top_logprobs: s.top_logprobs,
+                        cached_tokens: (live.generated == 1).then(|| live.cached.unwrap_or(0)),
+                    }),
+                ));
             }
         }
         let finished = sched.update(plan, &tokens, &stopped);
-        // Publish before telling requests they ended, so that a client that reads the
-        // metrics after its response sees its blocks already free.
-        self.publish_stats(sched);
         for (id, reason) in finished {
+            self.finished.push((id, reason));
+        }
+    }
+
+    /// Sends the queued token events, publishes the stats, then sends the final events
+    /// (stats first, so that a client that reads the metrics after its response sees
+    /// its blocks already free).
+    fn deliver(&mut self, sched: &Scheduler) {
+        for (id, ev) in self.pending.drain(..) {
+            if let Some(live) = self.requests.get(&id) {
+                // A reader gone now is noticed (and its request stopped) next update.
+                let _ = live.events.send(ev);
+            }
+        }
+        self.publish_stats(sched);
+        for (id, reason) in self.finished.drain(..) {
             if let Some(live) = self.requests.remove(&id) {
                 let reason = match reason {
                     scheduler::FinishReason::Stopped => FinishReason::Stop,

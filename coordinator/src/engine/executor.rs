@@ -26,7 +26,7 @@ pub struct SeqWork {
     pub sampling: Option<SamplingParams>,
     /// Tokens generated so far (for the min_tokens ban after a recompute).
     pub generated: u32,
-    /// Tokens banned until `generated >= min_tokens`.
+    /// Tokens banned until `generated >= min_tokens`; sent with `sampling` only.
     pub stop_token_ids: Vec<u32>,
 }
 
@@ -76,13 +76,28 @@ pub enum ExecError {
     Init(String),
 }
 
+/// What a finished step returned.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepOutput {
+    /// Rank 0's sampled tokens, in plan order.
+    pub sampled: Vec<Sampled>,
+    /// The longest time any rank reported spending on the step itself (checks, forward
+    /// pass, sampling), in microseconds; the rest of the step's wall time is the
+    /// coordinator's and the transport's.
+    pub worker_us: u64,
+}
+
 /// A tensor-parallel worker group.
+///
+/// A step is split in two so the engine can overlap its own bookkeeping with the
+/// workers' compute: [`submit`](Executor::submit) hands the plan to every rank and
+/// returns as soon as it is on its way; [`collect`](Executor::collect) waits for
+/// every rank's answer. At most one step is in flight.
 pub trait Executor: Send + 'static {
     /// (Re)initializes every rank: load weights, set up collectives, size the KV cache.
     fn init(&mut self) -> impl Future<Output = Result<GroupFacts, ExecError>> + Send;
-    /// Runs one step on every rank; returns the sampled tokens in plan order.
-    fn execute(
-        &mut self,
-        plan: &WorkPlan,
-    ) -> impl Future<Output = Result<Vec<Sampled>, ExecError>> + Send;
+    /// Sends one step's plan to every rank.
+    fn submit(&mut self, plan: WorkPlan) -> impl Future<Output = Result<(), ExecError>> + Send;
+    /// Waits for every rank's answer to the step in flight.
+    fn collect(&mut self) -> impl Future<Output = Result<StepOutput, ExecError>> + Send;
 }

@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Streaming;
 
-use super::executor::{ExecError, Executor, GroupFacts, Sampled, WorkPlan};
+use super::executor::{ExecError, Executor, GroupFacts, Sampled, StepOutput, WorkPlan};
 
 /// Where the ranks are and what they should load.
 #[derive(Clone, Debug)]
@@ -68,6 +68,8 @@ pub struct GrpcExecutor {
     config: GrpcGroupConfig,
     ranks: Vec<RankStream>,
     incarnation: u64,
+    /// The step submitted and not yet collected.
+    in_flight: Option<u64>,
 }
 
 impl GrpcExecutor {
@@ -76,6 +78,7 @@ impl GrpcExecutor {
             config,
             ranks: Vec::new(),
             incarnation: 0,
+            in_flight: None,
         }
     }
 
@@ -126,6 +129,7 @@ impl GrpcExecutor {
 impl Executor for GrpcExecutor {
     async fn init(&mut self) -> Result<GroupFacts, ExecError> {
         self.ranks.clear();
+        self.in_flight = None;
         self.incarnation += 1;
         let cfg = &self.config;
         let tp = cfg.workers.len();
@@ -209,17 +213,34 @@ impl Executor for GrpcExecutor {
         Ok(facts)
     }
 
-    async fn execute(&mut self, plan: &WorkPlan) -> Result<Vec<Sampled>, ExecError> {
+    async fn submit(&mut self, plan: WorkPlan) -> Result<(), ExecError> {
         if self.ranks.is_empty() {
             return Err(Self::lost(0, "the group is not initialized"));
         }
-        let msg = to_proto(plan);
-        for (rank, r) in self.ranks.iter().enumerate() {
+        if let Some(step) = self.in_flight {
+            return Err(Self::lost(0, format!("internal: step {step} is still in flight")));
+        }
+        self.in_flight = Some(plan.step);
+        let msg = into_proto(plan);
+        let last = self.ranks.len() - 1;
+        // One clone per extra rank; the last rank takes the message itself.
+        for (rank, r) in self.ranks.iter().enumerate().take(last) {
             r.plans
                 .send(msg.clone())
                 .await
                 .map_err(|_| Self::lost(rank, "step stream closed"))?;
         }
+        self.ranks[last]
+            .plans
+            .send(msg)
+            .await
+            .map_err(|_| Self::lost(last, "step stream closed"))
+    }
+
+    async fn collect(&mut self) -> Result<StepOutput, ExecError> {
+        let Some(step) = self.in_flight.take() else {
+            return Err(Self::lost(0, "internal: no step in flight"));
+        };
         let timeout = self.config.step_timeout;
         let answers = join_all(
             self.ranks
@@ -229,7 +250,7 @@ impl Executor for GrpcExecutor {
                     match tokio::time::timeout(timeout, r.results.message()).await {
                         Err(_) => Err(Self::lost(
                             rank,
-                            format!("no answer to step {} within {timeout:?}", plan.step),
+                            format!("no answer to step {step} within {timeout:?}"),
                         )),
                         Ok(Err(status)) => Err(Self::lost(rank, status.message().to_string())),
                         Ok(Ok(None)) => Err(Self::lost(rank, "the worker closed its step stream")),
@@ -240,18 +261,20 @@ impl Executor for GrpcExecutor {
         .await;
         let mut rank0 = None;
         let mut rejected = None;
+        let mut worker_us = 0;
         for (rank, a) in answers.into_iter().enumerate() {
             let res = a?;
-            if res.step != plan.step {
+            if res.step != step {
                 return Err(Self::lost(
                     rank,
-                    format!("answered step {} to step {}", res.step, plan.step),
+                    format!("answered step {} to step {step}", res.step),
                 ));
             }
+            worker_us = worker_us.max(res.elapsed_us);
             if !res.error.is_empty() {
                 rejected.get_or_insert(ExecError::Rejected {
                     rank,
-                    step: plan.step,
+                    step,
                     message: res.error.clone(),
                 });
             }
@@ -263,7 +286,7 @@ impl Executor for GrpcExecutor {
             return Err(e);
         }
         let res = rank0.expect("rank 0 answered");
-        Ok(res
+        let sampled = res
             .tokens
             .into_iter()
             .map(|t| Sampled {
@@ -276,31 +299,32 @@ impl Executor for GrpcExecutor {
                     .map(|l| (l.token_id, l.logprob))
                     .collect(),
             })
-            .collect())
+            .collect();
+        Ok(StepOutput { sampled, worker_us })
     }
 }
 
-fn to_proto(plan: &WorkPlan) -> pb::StepPlan {
+fn into_proto(plan: WorkPlan) -> pb::StepPlan {
     pb::StepPlan {
         step: plan.step,
-        freed: plan.freed.clone(),
+        freed: plan.freed,
         seqs: plan
             .seqs
-            .iter()
+            .into_iter()
             .map(|s| pb::ScheduledSeq {
                 seq_id: s.seq_id,
-                tokens: s.tokens.clone(),
+                tokens: s.tokens,
                 position_start: s.position,
-                new_blocks: s.new_blocks.clone(),
+                new_blocks: s.new_blocks,
                 sample: s.sample,
                 reset: s.reset,
-                sampling: s.sampling.as_ref().map(|p| pb::SamplingParams {
+                sampling: s.sampling.map(|p| pb::SamplingParams {
                     temperature: p.temperature,
                     top_p: p.top_p,
                     top_k: p.top_k,
                     seed: p.seed,
                     min_tokens: p.min_tokens,
-                    stop_token_ids: s.stop_token_ids.clone(),
+                    stop_token_ids: s.stop_token_ids,
                     logprobs: p.logprobs,
                     generated_before: s.generated,
                 }),

@@ -27,7 +27,7 @@ pub use api::{
     SamplingParams, TokenEvent,
 };
 pub use core::{run_engine, EngineConfig};
-pub use executor::{ExecError, Executor, GroupFacts};
+pub use executor::{ExecError, Executor, GroupFacts, StepOutput};
 
 use crate::metrics::Histogram;
 
@@ -42,6 +42,27 @@ pub struct EngineStats {
     pub steps: u64,
     pub preemptions: u64,
     pub step_time: Arc<Histogram>,
+    pub phases: Arc<StepPhases>,
+}
+
+/// Where each step's wall time went (means are what matter: sum / count).
+#[derive(Debug, Default)]
+pub struct StepPhases {
+    /// The engine's critical path: schedule + plan building + submit, and the update
+    /// after the answers (the deliveries overlapped with the workers are not in it).
+    pub engine: Histogram,
+    /// The longest time a rank reported for the step (checks, forward pass, sampling).
+    pub worker: Histogram,
+    /// The rest: gRPC encode/decode, loopback or network, task wake-ups.
+    pub transport: Histogram,
+}
+
+impl StepPhases {
+    pub(crate) fn observe(&self, engine_us: u64, worker_us: u64, transport_us: u64) {
+        self.engine.observe(engine_us as f64 / 1e6);
+        self.worker.observe(worker_us as f64 / 1e6);
+        self.transport.observe(transport_us as f64 / 1e6);
+    }
 }
 
 pub(crate) enum Command {
@@ -70,9 +91,14 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    pub(crate) fn new(commands: mpsc::UnboundedSender<Command>, step_time: Arc<Histogram>) -> Self {
+    pub(crate) fn new(
+        commands: mpsc::UnboundedSender<Command>,
+        step_time: Arc<Histogram>,
+        phases: Arc<StepPhases>,
+    ) -> Self {
         let stats = EngineStats {
             step_time,
+            phases,
             ..Default::default()
         };
         Self {

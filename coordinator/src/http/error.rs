@@ -31,6 +31,14 @@ pub enum AppError {
     PayloadTooLarge { limit: usize },
     #[error("{message}")]
     Overloaded { message: String, retry_after_s: u64 },
+    /// A per-key or per-team rate limit or quota (`crate::ops`).
+    #[error("{message}")]
+    RateLimited { message: String, retry_after_s: u64 },
+    #[error("{0}")]
+    Forbidden(String),
+    /// The fallback upstream failed or could not be reached.
+    #[error("{0}")]
+    BadGateway(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -59,7 +67,9 @@ impl AppError {
             Self::ModelNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded { .. } | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -74,6 +84,9 @@ impl AppError {
             Self::MethodNotAllowed => ("invalid_request_error", "method_not_allowed"),
             Self::PayloadTooLarge { .. } => ("invalid_request_error", "payload_too_large"),
             Self::Overloaded { .. } => ("rate_limit_error", "overloaded"),
+            Self::RateLimited { .. } => ("rate_limit_error", "rate_limit_exceeded"),
+            Self::Forbidden(_) => ("permission_error", "forbidden"),
+            Self::BadGateway(_) => ("upstream_error", "bad_gateway"),
             Self::Unavailable(_) => ("service_unavailable", "unavailable"),
             Self::Internal(_) => ("internal_error", "internal_error"),
         }
@@ -93,7 +106,9 @@ impl AppError {
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let mut resp = (self.status(), axum::Json(self.body())).into_response();
-        if let Self::Overloaded { retry_after_s, .. } = &self {
+        if let Self::Overloaded { retry_after_s, .. } | Self::RateLimited { retry_after_s, .. } =
+            &self
+        {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
         }

@@ -57,6 +57,8 @@ pub struct HttpConfig {
     pub api_keys: Vec<String>,
     /// Put `/metrics` behind the API keys too.
     pub protect_metrics: bool,
+    /// Key file limits, usage, fallback and aliases (`crate::ops`); `None`: plain keys only.
+    pub ops: Option<Arc<crate::ops::Ops>>,
 }
 
 impl Default for HttpConfig {
@@ -65,6 +67,7 @@ impl Default for HttpConfig {
             served_model_names: DEFAULT_MODEL_NAMES.iter().map(|s| s.to_string()).collect(),
             api_keys: Vec::new(),
             protect_metrics: false,
+            ops: None,
         }
     }
 }
@@ -140,6 +143,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/fim/completions", post(fim_completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/usage", get(crate::ops::usage_report))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     let metrics = if state.config.protect_metrics {
         Router::new()
@@ -163,6 +167,9 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(ops) = state.config.ops.clone() {
+        return crate::ops::gate(state, ops, req, next).await;
+    }
     if state.authorized(req.headers()) {
         next.run(req).await
     } else {
@@ -183,9 +190,12 @@ async fn ready(State(state): State<Arc<AppState>>) -> Result<Json<Value>, AppErr
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let body = state
+    let mut body = state
         .metrics
         .render(&state.engine.stats(), state.engine.is_ready());
+    if let Some(ops) = &state.config.ops {
+        ops.render_metrics(&mut body);
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -196,8 +206,22 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
+async fn openapi(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(openapi_document(&state.config.served_model_names))
+}
+
+/// [`OPENAPI_JSON`] with each request's `model` restricted to the served names, so
+/// generated clients and fuzzers (schemathesis) know which names reach a model.
+pub fn openapi_document(served_model_names: &[String]) -> Value {
+    let mut doc: Value =
+        serde_json::from_str(OPENAPI_JSON).expect("openapi.json is valid JSON (a test parses it)");
+    for request in ["FimRequest", "ChatRequest", "CompletionRequest"] {
+        let model = &mut doc["components"]["schemas"][request]["allOf"][1]["properties"]["model"];
+        if model.is_object() {
+            model["enum"] = json!(served_model_names);
+        }
+    }
+    doc
 }
 
 async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
@@ -270,10 +294,12 @@ async fn chat_completions(
     let result = async {
         let req = parse(body)?;
         state.check_model(&req.model)?;
-        let logprobs = match (req.logprobs, req.top_logprobs) {
-            (Some(true), top) => Some(top_logprobs_count(top)?),
-            (_, Some(_)) | (Some(false), None) | (None, None) => None,
-        };
+        // top_logprobs is range-checked even when logprobs is off (it is still bad input).
+        let top = req
+            .top_logprobs
+            .map(|n| top_logprobs_count(Some(n)))
+            .transpose()?;
+        let logprobs = (req.logprobs == Some(true)).then(|| top.unwrap_or(0));
         let generation = req.sampling.validate(0.7, Priority::Chat, logprobs)?;
         let prompt = encode_chat(&state.tokenizer, &req.conversation()?)?;
         Ok::<_, AppError>(Job {
@@ -401,6 +427,7 @@ async fn run(state: &Arc<AppState>, job: Job) -> Result<Response, AppError> {
         priority: job.generation.priority,
         stop_token_ids: vec![EOS],
     };
+    let admission = crate::ops::admit_current(job.prompt.len(), max_tokens)?;
     let stream = state.engine.submit(request).await?;
     state
         .metrics
@@ -432,6 +459,8 @@ async fn run(state: &Arc<AppState>, job: Job) -> Result<Response, AppError> {
         shape: job.shape,
         prompt_tokens: job.prompt.len() as u32,
         completion_tokens: 0,
+        cached_tokens: None,
+        admission,
         logprobs: job.generation.sampling.logprobs.is_some(),
         arrival,
         last_token: None,
@@ -455,6 +484,10 @@ struct Run {
     shape: Shape,
     prompt_tokens: u32,
     completion_tokens: u32,
+    /// Prompt tokens the prefix cache served; known from the first token on.
+    cached_tokens: Option<u32>,
+    /// Per-key accounting (`crate::ops`): generated tokens are charged as they stream.
+    admission: Option<crate::ops::Admission>,
     logprobs: bool,
     arrival: Instant,
     last_token: Option<Instant>,
@@ -496,6 +529,12 @@ impl Run {
                 }
                 self.last_token = Some(now);
                 self.completion_tokens += 1;
+                if token.cached_tokens.is_some() {
+                    self.cached_tokens = token.cached_tokens;
+                }
+                if let Some(a) = &mut self.admission {
+                    a.charge_generated(1);
+                }
                 self.state
                     .metrics
                     .generation_tokens
@@ -511,7 +550,12 @@ impl Run {
                     })
                 }
             }
-            Some(EngineEvent::Finished { reason, .. }) => {
+            Some(EngineEvent::Finished {
+                reason,
+                cached_tokens,
+                ..
+            }) => {
+                self.cached_tokens = Some(cached_tokens);
                 let tail = self.detok.finish().text;
                 Ok(self.end(tail, reason))
             }
@@ -530,6 +574,9 @@ impl Run {
 
     fn end(&mut self, text: String, reason: FinishReason) -> Step {
         self.done = true;
+        if let Some(a) = &mut self.admission {
+            a.finish();
+        }
         self.state
             .metrics
             .e2e
@@ -537,8 +584,13 @@ impl Run {
         Step::End { text, reason }
     }
 
+    /// OpenAI's usage object; `prompt_tokens_details.cached_tokens` only when known.
     fn usage(&self) -> Value {
-        json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": self.prompt_tokens + self.completion_tokens})
+        let mut usage = json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": self.prompt_tokens + self.completion_tokens});
+        if let Some(cached) = self.cached_tokens {
+            usage["prompt_tokens_details"] = json!({ "cached_tokens": cached });
+        }
+        usage
     }
 
     fn token_text(&self, id: u32) -> String {

@@ -10,8 +10,8 @@ use super::error::AppError;
 use crate::engine::{Priority, SamplingParams};
 use crate::prompt::{ChatMessage, Role};
 
-/// Most stop strings a request may give, and their longest length (the stop matcher
-/// is O(len²) per token).
+/// Most stop strings a request may give, and their longest length in characters (the
+/// stop matcher is O(len²) per token).
 pub const MAX_STOPS: usize = 16;
 pub const MAX_STOP_LEN: usize = 256;
 
@@ -26,8 +26,10 @@ pub enum StopField {
 /// Sampling fields shared by every generation endpoint.
 #[derive(Debug, Deserialize, Default, Clone)]
 pub struct SamplingFields {
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
+    /// Parsed as f64 so the range checks see the number the client sent (an f32 would
+    /// round 2.0000000000000004 down to 2 and 5e-324 down to 0).
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
     pub top_k: Option<i64>,
     pub max_tokens: Option<i64>,
     pub max_completion_tokens: Option<i64>,
@@ -135,7 +137,7 @@ impl SamplingFields {
         priority: Priority,
         logprobs: Option<u32>,
     ) -> Result<Generation, AppError> {
-        let temperature = self.temperature.unwrap_or(default_temperature);
+        let temperature = self.temperature.unwrap_or(f64::from(default_temperature));
         if !(0.0..=2.0).contains(&temperature) || !temperature.is_finite() {
             return Err(AppError::bad_param(
                 "temperature",
@@ -149,6 +151,8 @@ impl SamplingFields {
                 format!("top_p must be in (0, 1], got {top_p}"),
             ));
         }
+        // The sampler works in f32: keep a tiny positive top_p positive (it keeps the top token).
+        let top_p = (top_p as f32).max(f32::MIN_POSITIVE);
         let top_k = match self.top_k {
             None | Some(-1) | Some(0) => 0,
             Some(k) if (1..=u32::MAX as i64).contains(&k) => k as u32,
@@ -213,16 +217,18 @@ impl SamplingFields {
             Some(StopField::One(s)) => vec![s.clone()],
             Some(StopField::Many(v)) => v.clone(),
         };
-        let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
-        if stop.len() > MAX_STOPS || stop.iter().any(|s| s.len() > MAX_STOP_LEN) {
+        if stop.len() > MAX_STOPS || stop.iter().any(|s| s.chars().count() > MAX_STOP_LEN) {
             return Err(AppError::bad_param(
                 "stop",
-                format!("at most {MAX_STOPS} stop strings of at most {MAX_STOP_LEN} bytes each"),
+                format!(
+                    "at most {MAX_STOPS} stop strings of at most {MAX_STOP_LEN} characters each"
+                ),
             ));
         }
+        let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
         Ok(Generation {
             sampling: SamplingParams {
-                temperature,
+                temperature: temperature as f32,
                 top_p,
                 top_k,
                 seed: self.random_seed.or(self.seed),

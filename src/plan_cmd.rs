@@ -1,0 +1,145 @@
+//! `stral plan`: flags → [`benches::plan::PlanConfig`]; prints the (modelled)
+//! recommendation as text or JSON and optionally writes the curve as SVG.
+
+use std::path::PathBuf;
+
+use benches::plan::{self, HostOverhead, PlanConfig, Slo, Workload};
+use clap::Args;
+
+#[derive(Args)]
+pub struct PlanArgs {
+    /// GPU type: h100, h200, a100 or l40s.
+    #[arg(long, value_parser = parse_gpu, default_value = "h100")]
+    gpu: worker::sim::GpuKind,
+    /// Model: a preset (`codestral-22b`, `tiny`) or a checkpoint directory (only its
+    /// params.json / config.json is read).
+    #[arg(long, default_value = "codestral-22b")]
+    model: String,
+    /// Developers served.
+    #[arg(long, default_value_t = 2000)]
+    developers: u64,
+    /// Fraction of developers typing at any moment.
+    #[arg(long, default_value_t = 0.1)]
+    active_fraction: f64,
+    /// Completion requests per active developer per minute.
+    #[arg(long, default_value_t = 6.0)]
+    requests_per_active_minute: f64,
+    /// Prompt tokens per request (no prefix-cache hits are assumed: conservative).
+    #[arg(long, default_value_t = 1536)]
+    prompt_tokens: usize,
+    /// Generated tokens per request.
+    #[arg(long, default_value_t = 48)]
+    output_tokens: usize,
+    /// p95 time to first token, ms.
+    #[arg(long)]
+    slo_ttft_p95_ms: Option<f64>,
+    /// p95 time per output token after the first, ms.
+    #[arg(long)]
+    slo_tpot_p95_ms: Option<f64>,
+    /// p95 end-to-end latency, ms.
+    #[arg(long)]
+    slo_e2e_p95_ms: Option<f64>,
+    /// Tensor-parallel sizes to consider.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    tp: Vec<usize>,
+    /// Fraction of GPU memory for weights, activations and KV.
+    #[arg(long, default_value_t = 0.9)]
+    gpu_memory_utilization: f64,
+    /// Coordinator time per step, µs (default: measured on the 2-core dev VM, null
+    /// backend; see benches/RESULTS.md).
+    #[arg(long, default_value_t = HostOverhead::default().per_step_us)]
+    host_us_per_step: f64,
+    /// Coordinator time per running sequence per step, µs.
+    #[arg(long, default_value_t = HostOverhead::default().per_seq_us)]
+    host_us_per_seq: f64,
+    /// Load points per curve.
+    #[arg(long, default_value_t = 24)]
+    grid_points: usize,
+    /// Simulated seconds of arrivals per load point.
+    #[arg(long, default_value_t = 60.0)]
+    sim_seconds: f64,
+    /// Seed of the simulated arrivals.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print the report as JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Write the curves (p95 TTFT vs load per replica) as SVG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+fn parse_gpu(s: &str) -> Result<worker::sim::GpuKind, String> {
+    s.parse().map_err(|e: worker::WorkerError| e.to_string())
+}
+
+pub fn run(a: PlanArgs) -> anyhow::Result<()> {
+    let model = match worker::ModelConfig::preset(&a.model) {
+        Ok(m) => m,
+        Err(_) => worker::sim::model_config(&a.model).map_err(|e| {
+            anyhow::anyhow!(
+                "--model {}: not a preset (codestral-22b, tiny) and {e}",
+                a.model
+            )
+        })?,
+    };
+    for (name, v) in [
+        ("active-fraction", a.active_fraction),
+        ("requests-per-active-minute", a.requests_per_active_minute),
+        ("sim-seconds", a.sim_seconds),
+    ] {
+        if !(v > 0.0 && v.is_finite()) {
+            anyhow::bail!("--{name} must be a positive number, got {v}");
+        }
+    }
+    if a.active_fraction > 1.0 {
+        anyhow::bail!("--active-fraction must be at most 1");
+    }
+    if !(a.host_us_per_step >= 0.0 && a.host_us_per_seq >= 0.0) {
+        anyhow::bail!("--host-us-per-step and --host-us-per-seq must be ≥ 0");
+    }
+    let cfg = PlanConfig {
+        gpu: a.gpu,
+        model_name: a.model.clone(),
+        model,
+        workload: Workload {
+            developers: a.developers,
+            active_fraction: a.active_fraction,
+            requests_per_active_minute: a.requests_per_active_minute,
+            prompt_tokens: a.prompt_tokens,
+            output_tokens: a.output_tokens,
+        },
+        slo: Slo {
+            ttft_p95_ms: a.slo_ttft_p95_ms,
+            tpot_p95_ms: a.slo_tpot_p95_ms,
+            e2e_p95_ms: a.slo_e2e_p95_ms,
+        },
+        tps: a.tp,
+        memory_utilization: a.gpu_memory_utilization,
+        host: HostOverhead {
+            per_step_us: a.host_us_per_step,
+            per_seq_us: a.host_us_per_seq,
+        },
+        grid_points: a.grid_points,
+        duration_s: a.sim_seconds,
+        seed: a.seed,
+        ..PlanConfig::default()
+    };
+    let report = plan::plan(&cfg)?;
+    if let Some(path) = &a.plot {
+        std::fs::write(path, plan::svg::render_svg(&report))
+            .map_err(|e| anyhow::anyhow!("--plot {}: {e}", path.display()))?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", plan::render_text(&report));
+        if let Some(path) = &a.plot {
+            println!("plot written to {}", path.display());
+        }
+    }
+    if report.recommended.is_none() {
+        anyhow::bail!("no TP meets the SLO on {}", report.gpu);
+    }
+    Ok(())
+}

@@ -43,20 +43,16 @@ enum Command {
     Synth(SynthArgs),
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Device {
-    Cpu,
-    Cuda,
-}
-
 #[derive(Args)]
 struct WorkerArgs {
     /// gRPC address to serve the worker protocol on (HOST:PORT; port 0 picks one and logs it).
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: String,
-    /// Where the forward pass runs.
-    #[arg(long, value_enum, default_value_t = Device::Cpu)]
-    device: Device,
+    /// Where the forward pass runs: `cpu`, or `cuda:K` (GPU K; `cuda` = GPU 0). A CUDA
+    /// worker serves every Init asking for `cuda` on that GPU, with
+    /// --gpu-memory-utilization unless the Init names its own.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: DeviceArg,
     /// Compute threads for the forward pass (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -68,7 +64,8 @@ struct WorkerArgs {
     /// GPU the sim backend models: h100, h200, a100 or l40s.
     #[arg(long, value_parser = parse_gpu, required_if_eq("backend", "sim"))]
     gpu: Option<worker::sim::GpuKind>,
-    /// Fraction of the modelled GPU's memory for weights, activations and KV (sim).
+    /// Fraction of GPU memory for weights, activations and KV (cuda; sim: of the
+    /// modelled GPU's).
     #[arg(long, default_value_t = worker::sim::DEFAULT_MEMORY_UTILIZATION)]
     gpu_memory_utilization: f64,
 }
@@ -78,6 +75,23 @@ enum WorkerBackend {
     Cpu,
     Null,
     Sim,
+}
+
+/// `cpu` → `None`; `cuda[:K]` → that GPU.
+/// `stral worker --device`: `None` for the CPU. (A newtype: clap treats a bare `Option`
+/// field as "flag may be absent" and would not store the parser's `Option`.)
+#[derive(Clone)]
+struct DeviceArg(Option<worker::cuda::CudaDevice>);
+
+fn parse_device(s: &str) -> Result<DeviceArg, String> {
+    if s == "cpu" {
+        return Ok(DeviceArg(None));
+    }
+    match worker::cuda::CudaDevice::parse(s) {
+        Ok(Some(d)) => Ok(DeviceArg(Some(d))),
+        Ok(None) => Err(format!("'{s}' is not a device: use cpu, cuda or cuda:K")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn parse_gpu(s: &str) -> Result<worker::sim::GpuKind, String> {
@@ -147,8 +161,25 @@ fn main() -> ExitCode {
 }
 
 fn run_worker(a: WorkerArgs) -> anyhow::Result<()> {
-    if matches!(a.device, Device::Cuda) {
-        anyhow::bail!("--device cuda is not available yet: the CUDA worker backend arrives with its own issue");
+    if let Some(dev) = a.device.0 {
+        if a.backend.is_some() || a.gpu.is_some() {
+            anyhow::bail!("--device cuda runs the CUDA backend; --backend and --gpu are for CPU workers");
+        }
+        if !worker::cuda::driver_available() {
+            anyhow::bail!("--device cuda: no CUDA driver on this machine (libcuda.so could not be loaded); use --device cpu");
+        }
+        let dev = worker::cuda::CudaDevice {
+            ordinal: Some(dev.ordinal.unwrap_or(0)),
+            memory_utilization: a.gpu_memory_utilization,
+        };
+        worker::cuda::CudaDevice::parse(&dev.device_string())?;
+        worker::service::run_worker_blocking(worker::service::WorkerConfig {
+            listen: a.listen,
+            threads: a.threads,
+            backend: Some(dev.device_string()),
+            ..Default::default()
+        })?;
+        return Ok(());
     }
     if a.gpu.is_some() && a.backend != Some(WorkerBackend::Sim) {
         anyhow::bail!(

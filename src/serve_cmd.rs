@@ -32,6 +32,11 @@ pub struct ServeArgs {
     /// Where the forward pass runs.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
+    /// How CUDA ranks all-reduce: `nccl` (one GPU per rank, local ranks on GPUs
+    /// 0..tp-1) or `host` (copy to host, TCP all-reduce, copy back; all local ranks
+    /// share GPU 0 — checks the sharded math on one GPU).
+    #[arg(long, value_enum, default_value_t = CollectiveKind::Nccl)]
+    collective: CollectiveKind,
     /// Remote workers, `host:port` per rank in rank order (e.g. a StatefulSet's pods).
     /// Without it, `serve` starts its own `stral worker` processes on loopback.
     #[arg(long, value_delimiter = ',')]
@@ -124,6 +129,10 @@ enum WorkerBackend {
     Sim,
 }
 
+fn nccl_unique_id() -> Result<Vec<u8>, String> {
+    worker::cuda::nccl_unique_id().map_err(|e| e.to_string())
+}
+
 fn parse_gpu(s: &str) -> Result<worker::sim::GpuKind, String> {
     s.parse().map_err(|e: worker::WorkerError| e.to_string())
 }
@@ -134,10 +143,20 @@ enum Device {
     Cuda,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CollectiveKind {
+    Nccl,
+    Host,
+}
+
 impl ServeArgs {
     pub fn into_config(self) -> anyhow::Result<ServeConfig> {
-        if matches!(self.device, Device::Cuda) {
-            anyhow::bail!("--device cuda is not available yet: the CUDA worker backend arrives with its own issue (the kernels are in kernels/)");
+        let cuda = matches!(self.device, Device::Cuda);
+        if cuda && !matches!(self.worker_backend, WorkerBackend::Cpu) {
+            anyhow::bail!("--device cuda runs the CUDA backend; --worker-backend is for CPU workers");
+        }
+        if cuda && self.workers.is_none() && !worker::cuda::driver_available() {
+            anyhow::bail!("--device cuda: no CUDA driver on this machine (libcuda.so could not be loaded); run on a machine with an NVIDIA GPU and driver, or use --device cpu");
         }
         if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
             anyhow::bail!(
@@ -184,6 +203,8 @@ impl ServeArgs {
                     "sim backend: no weights, no math; step times are MODELLED for this GPU, not measured"
                 );
             }
+        } else if cuda && worker::sim::is_synthetic(&source) {
+            worker::sim::model_config(&source)?.check_tp(self.tp)?;
         } else if worker::sim::is_synthetic(&source) {
             anyhow::bail!("--model {source} is a shape without weights: serve it with --worker-backend sim --gpu GPU");
         } else if self.workers.is_none() {
@@ -241,10 +262,17 @@ impl ServeArgs {
             model_dir,
             tp: self.tp,
             device: match (self.worker_backend, sim) {
+                _ if cuda => worker::cuda::CudaDevice {
+                    ordinal: None,
+                    memory_utilization: self.gpu_memory_utilization,
+                }
+                .device_string(),
                 (_, Some(dev)) => dev.device_string(),
                 (WorkerBackend::Null, _) => "null".into(),
                 _ => "cpu".into(),
             },
+            nccl_unique_id: (cuda && self.collective == CollectiveKind::Nccl)
+                .then_some(nccl_unique_id as fn() -> Result<Vec<u8>, String>),
             workers: self.workers,
             collective_peers: self.collective_peers,
             exe: std::env::current_exe()?,

@@ -39,9 +39,15 @@ fn free_addr() -> std::io::Result<String> {
     Ok(l.local_addr()?.to_string())
 }
 
-fn spawn_one(cfg: &LocalWorkersConfig, addr: &str) -> std::io::Result<Child> {
+/// Device `cuda` puts rank K on GPU K; any other device string is passed as is.
+fn spawn_one(cfg: &LocalWorkersConfig, rank: usize, addr: &str) -> std::io::Result<Child> {
+    let device = if cfg.device == "cuda" {
+        format!("cuda:{rank}")
+    } else {
+        cfg.device.clone()
+    };
     Command::new(&cfg.exe)
-        .args(["worker", "--listen", addr, "--device", &cfg.device])
+        .args(["worker", "--listen", addr, "--device", &device])
         .kill_on_drop(true)
         .spawn()
 }
@@ -57,7 +63,8 @@ impl LocalWorkers {
             .collect::<std::io::Result<Vec<_>>>()?;
         let children = grpc_addrs
             .iter()
-            .map(|a| spawn_one(&cfg, a))
+            .enumerate()
+            .map(|(rank, a)| spawn_one(&cfg, rank, a))
             .collect::<std::io::Result<Vec<_>>>()?;
         for (rank, c) in children.iter().enumerate() {
             tracing::info!(rank, pid = c.id(), addr = %grpc_addrs[rank], "started worker");
@@ -89,7 +96,7 @@ async fn supervise(cfg: LocalWorkersConfig, addrs: Vec<String>, children: Arc<Mu
         for (rank, child) in kids.iter_mut().enumerate() {
             if let Ok(Some(status)) = child.try_wait() {
                 tracing::warn!(rank, %status, "worker exited; restarting it");
-                match spawn_one(&cfg, &addrs[rank]) {
+                match spawn_one(&cfg, rank, &addrs[rank]) {
                     Ok(c) => *child = c,
                     Err(e) => tracing::error!(rank, error = %e, "cannot restart worker"),
                 }

@@ -24,6 +24,10 @@ pub struct ServeConfig {
     pub model_dir: PathBuf,
     pub tp: usize,
     pub device: String,
+    /// Set for CUDA ranks that all-reduce with NCCL: makes the unique id of each group
+    /// Init (local ranks go on GPUs 0..tp-1). Unset: TCP peers (CUDA: host-staged,
+    /// all local ranks on GPU 0).
+    pub nccl_unique_id: Option<fn() -> Result<Vec<u8>, String>>,
     /// Remote workers (`host:port` per rank); `None` starts local worker processes.
     pub workers: Option<Vec<String>>,
     /// Collective addresses of remote workers; default: each worker's host, port + 1.
@@ -97,10 +101,10 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
             let lw = LocalWorkers::start(LocalWorkersConfig {
                 exe: config.exe.clone(),
                 tp: config.tp,
-                device: (if config.device == "cuda" {
-                    "cuda"
-                } else {
-                    "cpu"
+                device: (match (config.device.starts_with("cuda"), config.nccl_unique_id.is_some()) {
+                    (true, true) => "cuda",
+                    (true, false) => "cuda:0",
+                    (false, _) => "cpu",
                 })
                 .to_string(),
             })
@@ -115,6 +119,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
         collective_listen: listen,
         model_path: config.model_dir.to_string_lossy().into_owned(),
         device: config.device.clone(),
+        nccl_unique_id: config.nccl_unique_id,
         block_size: config.engine.scheduler.block_size as u32,
         kv_cache_bytes: config.kv_cache_bytes,
         step_timeout: config.step_timeout,

@@ -2,8 +2,8 @@
 //!
 //! Owns (ARCHITECTURE §2, §3): the model config, checkpoint loading and sharding
 //! (safetensors, memory-mapped, only this rank's slices), synthetic checkpoints, the
-//! `Backend` that runs the forward pass (the CPU f32 reference, or the sim backend's
-//! modelled GPU step times), and the
+//! `Backend` that runs the forward pass (the CPU f32 reference, the bf16 CUDA backend
+//! in `cuda`, or the sim backend's modelled GPU step times), and the
 //! `Collective` all-reduce between ranks (in-process, and over TCP between worker
 //! processes), rank 0's sampler, and the gRPC worker service. Invariant: a worker
 //! never owns block tables; it is handed them per step and only mirrors them.
@@ -11,6 +11,7 @@
 pub mod checkpoint;
 pub mod collective;
 pub mod config;
+pub mod cuda;
 pub mod embedded;
 pub mod local;
 pub mod model;

@@ -220,71 +220,7 @@ impl CpuModel {
 
     /// Rejects a step this rank cannot execute, naming the problem.
     pub fn validate(&self, step: &StepInput) -> Result<(), WorkerError> {
-        let m = &step.meta;
-        let cfg = &self.weights.config;
-        let n_seqs = m.ctx_lens.len();
-        if m.block_size != self.layout.block_size {
-            return Err(WorkerError::Step(format!(
-                "block_size {} but the cache uses {}",
-                m.block_size, self.layout.block_size
-            )));
-        }
-        if m.q_indptr.len() != n_seqs + 1
-            || m.q_indptr.first() != Some(&0)
-            || m.q_indptr.windows(2).any(|w| w[0] > w[1])
-        {
-            return Err(WorkerError::Step("q_indptr must start at 0, be non-decreasing and have one entry per sequence plus one".into()));
-        }
-        if m.n_tokens() != step.tokens.len() {
-            return Err(WorkerError::Step(format!(
-                "{} tokens but q_indptr covers {}",
-                step.tokens.len(),
-                m.n_tokens()
-            )));
-        }
-        if m.block_tables.len() != n_seqs * m.max_blocks {
-            return Err(WorkerError::Step(
-                "block_tables must be n_seqs × max_blocks".into(),
-            ));
-        }
-        for s in 0..n_seqs {
-            let q_len = m.q_indptr[s + 1] - m.q_indptr[s];
-            let ctx = m.ctx_lens[s] as usize;
-            if (q_len as usize) > ctx
-                || ctx > m.max_blocks * m.block_size
-                || ctx > cfg.max_position_embeddings
-            {
-                return Err(WorkerError::Step(format!("sequence {s}: context {ctx} with {q_len} new tokens does not fit its block table or the model context")));
-            }
-            let used = ctx.div_ceil(m.block_size);
-            let first = (m.window_start(ctx as u32 - q_len) as usize) / m.block_size;
-            if let Some(b) = m.block_tables[s * m.max_blocks..s * m.max_blocks + used][first..]
-                .iter()
-                .find(|&&b| b as usize >= self.layout.num_blocks)
-            {
-                return Err(WorkerError::Step(format!(
-                    "sequence {s}: block {b} is outside the cache of {} blocks",
-                    self.layout.num_blocks
-                )));
-            }
-        }
-        if let Some(t) = step.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(WorkerError::Step(format!(
-                "token id {t} is outside the vocabulary of {}",
-                cfg.vocab_size
-            )));
-        }
-        if let Some(r) = step
-            .logit_rows
-            .iter()
-            .find(|&&r| r as usize >= step.tokens.len())
-        {
-            return Err(WorkerError::Step(format!(
-                "logit row {r} is outside the batch of {} tokens",
-                step.tokens.len()
-            )));
-        }
-        Ok(())
+        validate_step(&self.weights.config, self.layout, step)
     }
 
     /// Runs one step. Returns `[logit_rows.len(), vocab]` logits on rank 0, `None`
@@ -380,6 +316,75 @@ impl CpuModel {
             logits
         }))
     }
+}
+
+/// Rejects a step a rank with this config and KV layout cannot execute, naming the
+/// problem (shared by the CPU and CUDA backends).
+pub fn validate_step(cfg: &ModelConfig, layout: KvLayout, step: &StepInput) -> Result<(), WorkerError> {
+    let m = &step.meta;
+    let n_seqs = m.ctx_lens.len();
+    if m.block_size != layout.block_size {
+        return Err(WorkerError::Step(format!(
+            "block_size {} but the cache uses {}",
+            m.block_size, layout.block_size
+        )));
+    }
+    if m.q_indptr.len() != n_seqs + 1
+        || m.q_indptr.first() != Some(&0)
+        || m.q_indptr.windows(2).any(|w| w[0] > w[1])
+    {
+        return Err(WorkerError::Step("q_indptr must start at 0, be non-decreasing and have one entry per sequence plus one".into()));
+    }
+    if m.n_tokens() != step.tokens.len() {
+        return Err(WorkerError::Step(format!(
+            "{} tokens but q_indptr covers {}",
+            step.tokens.len(),
+            m.n_tokens()
+        )));
+    }
+    if m.block_tables.len() != n_seqs * m.max_blocks {
+        return Err(WorkerError::Step(
+            "block_tables must be n_seqs × max_blocks".into(),
+        ));
+    }
+    for s in 0..n_seqs {
+        let q_len = m.q_indptr[s + 1] - m.q_indptr[s];
+        let ctx = m.ctx_lens[s] as usize;
+        if (q_len as usize) > ctx
+            || ctx > m.max_blocks * m.block_size
+            || ctx > cfg.max_position_embeddings
+        {
+            return Err(WorkerError::Step(format!("sequence {s}: context {ctx} with {q_len} new tokens does not fit its block table or the model context")));
+        }
+        let used = ctx.div_ceil(m.block_size);
+        let first = (m.window_start(ctx as u32 - q_len) as usize) / m.block_size;
+        if let Some(b) = m.block_tables[s * m.max_blocks..s * m.max_blocks + used][first..]
+            .iter()
+            .find(|&&b| b as usize >= layout.num_blocks)
+        {
+            return Err(WorkerError::Step(format!(
+                "sequence {s}: block {b} is outside the cache of {} blocks",
+                layout.num_blocks
+            )));
+        }
+    }
+    if let Some(t) = step.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        return Err(WorkerError::Step(format!(
+            "token id {t} is outside the vocabulary of {}",
+            cfg.vocab_size
+        )));
+    }
+    if let Some(r) = step
+        .logit_rows
+        .iter()
+        .find(|&&r| r as usize >= step.tokens.len())
+    {
+        return Err(WorkerError::Step(format!(
+            "logit row {r} is outside the batch of {} tokens",
+            step.tokens.len()
+        )));
+    }
+    Ok(())
 }
 
 /// One sequence's part of a step, for [`StepInput::build`].

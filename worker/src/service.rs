@@ -1,8 +1,9 @@
 //! The gRPC `Worker` service (`proto/worker.proto`): one tensor-parallel rank as a
 //! process, driven by the coordinator over a bidirectional stream of step plans.
 //!
-//! Owns this rank's compute — the [`CpuModel`] (weights + KV cache), or for device
-//! `sim:<gpu>` a [`StepTimeModel`] and no weights at all — its [`Collective`] with the
+//! Owns this rank's compute — the [`CpuModel`] (weights + KV cache), for device
+//! `cuda[:K]` a [`crate::cuda::CudaModel`] (set up by [`crate::cuda::init`]), or for
+//! device `sim:<gpu>` a [`StepTimeModel`] and no weights at all — its [`Collective`] with the
 //! other ranks, and a mirror of every live sequence's block table, cached-token
 //! count and sampler. `Init` replaces all of it; `Steps` executes plans in arrival
 //! order on a blocking thread (the async runtime only moves messages).
@@ -325,10 +326,36 @@ impl Inner {
                 };
                 &resolved
             }
+            (Some(b), d) if crate::cuda::CudaDevice::for_worker(b, d)?.is_some() => {
+                let dev = crate::cuda::CudaDevice::for_worker(b, d)?.expect("checked");
+                resolved = InitRequest {
+                    device: dev.device_string(),
+                    ..req.clone()
+                };
+                &resolved
+            }
             (Some(b), d) => return config_err(format!(
                 "device '{d}': this worker was started for device '{b}' (stral worker --backend)"
             )),
         };
+        if let Some(dev) = crate::cuda::CudaDevice::parse(&req.device)? {
+            let (max_tokens, max_seqs) = scheduler_defaults();
+            let c = crate::cuda::init::load(req, dev, max_tokens, max_seqs)?;
+            let engine = Engine {
+                cfg: c.cfg,
+                compute: Compute::Cuda {
+                    model: c.model,
+                    coll: c.coll,
+                },
+                coll: Box::new(SoloCollective),
+                rank: c.reply.rank,
+                num_blocks: c.reply.num_kv_blocks as usize,
+                block_size: c.reply.block_size as usize,
+                seqs: HashMap::new(),
+                failed: None,
+            };
+            return Ok((engine, c.reply));
+        }
         if let Some(dev) = SimDevice::parse(&req.device)? {
             return load_sim(req, dev);
         }
@@ -542,6 +569,11 @@ struct Checked<'a, 'p> {
 enum Compute {
     /// The CPU reference forward pass; `skip_math` for device "null".
     Cpu { model: CpuModel, skip_math: bool },
+    /// The bf16 CUDA forward pass with its device-side collective.
+    Cuda {
+        model: Box<crate::cuda::CudaModel>,
+        coll: crate::cuda::DeviceCollective,
+    },
     /// No math, no weights: each step lasts its modelled GPU time.
     Sim {
         model: StepTimeModel,
@@ -640,6 +672,10 @@ impl Engine {
             Compute::Sim { device, .. } => format!(
                 "ready ({device}: step times are modelled for that GPU, not measured; pseudo-tokens)"
             ),
+            Compute::Cuda { model, .. } => format!(
+                "ready (cuda: {} KV tokens)",
+                model.kv_tokens()
+            ),
         }
     }
 
@@ -690,6 +726,26 @@ impl Engine {
                 }
             }
             Compute::Cpu { .. } => (None, None),
+            Compute::Cuda { model, coll } => {
+                let chunks: Vec<SeqChunk<'_>> = checked
+                    .iter()
+                    .map(|c| SeqChunk {
+                        block_table: &c.block_table,
+                        cached: c.cached,
+                        tokens: &c.seq.tokens,
+                        sample: c.seq.sample,
+                    })
+                    .collect();
+                let input = StepInput::build(self.block_size, cfg.sliding_window, &chunks);
+                model.validate(&input)?;
+                match model.forward(&input, coll) {
+                    Ok(l) => (l, None),
+                    Err(e) => {
+                        self.fail(e.to_string());
+                        return Err(e);
+                    }
+                }
+            }
             Compute::Sim { model, .. } => {
                 let work: Vec<SeqWork> = checked
                     .iter()

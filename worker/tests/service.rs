@@ -692,10 +692,10 @@ async fn bad_init_requests_are_refused_and_the_worker_stays_usable() {
         ),
         (
             InitRequest {
-                device: "cuda".into(),
+                device: "tpu".into(),
                 ..good.clone()
             },
-            "device 'cuda'",
+            "device 'tpu'",
         ),
         (
             InitRequest {

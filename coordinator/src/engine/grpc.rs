@@ -31,6 +31,11 @@ pub struct GrpcGroupConfig {
     /// Checkpoint directory as the workers see it.
     pub model_path: String,
     pub device: String,
+    /// When set (CUDA workers with NCCL), each group Init bootstraps the collective
+    /// with a fresh NCCL unique id from this function instead of TCP peers; the
+    /// process that made the id hosts NCCL's bootstrap root. Injected by the binary so
+    /// this crate does not link CUDA libraries.
+    pub nccl_unique_id: Option<fn() -> Result<Vec<u8>, String>>,
     pub block_size: u32,
     /// KV budget per rank in bytes.
     pub kv_cache_bytes: u64,
@@ -49,6 +54,7 @@ impl Default for GrpcGroupConfig {
             collective_listen: Vec::new(),
             model_path: String::new(),
             device: "cpu".into(),
+            nccl_unique_id: None,
             block_size: 16,
             kv_cache_bytes: 1 << 30,
             max_kv_blocks: None,
@@ -142,6 +148,12 @@ impl Executor for GrpcExecutor {
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
         let group_id = (std::process::id() as u64) << 32 | self.incarnation;
+        let nccl_id = match cfg.nccl_unique_id {
+            Some(make) if tp > 1 => {
+                Some(make().map_err(|e| ExecError::Init(format!("NCCL bootstrap: {e}")))?)
+            }
+            _ => None,
+        };
         let inits = clients.iter().enumerate().map(|(rank, client)| {
             let mut client = client.clone();
             let request = pb::InitRequest {
@@ -151,11 +163,18 @@ impl Executor for GrpcExecutor {
                 tp_world_size: tp as u32,
                 rank: rank as u32,
                 collective: (tp > 1).then(|| pb::CollectiveBootstrap {
-                    kind: Some(pb::collective_bootstrap::Kind::Tcp(pb::TcpPeers {
-                        peer_addrs: cfg.collective_peers.clone(),
-                        listen_addr: cfg.collective_listen.get(rank).cloned().unwrap_or_default(),
-                        group_id,
-                    })),
+                    kind: Some(match &nccl_id {
+                        Some(id) => pb::collective_bootstrap::Kind::NcclUniqueId(id.clone()),
+                        None => pb::collective_bootstrap::Kind::Tcp(pb::TcpPeers {
+                            peer_addrs: cfg.collective_peers.clone(),
+                            listen_addr: cfg
+                                .collective_listen
+                                .get(rank)
+                                .cloned()
+                                .unwrap_or_default(),
+                            group_id,
+                        }),
+                    }),
                 }),
                 block_size: cfg.block_size,
                 kv_cache_bytes: cfg.kv_cache_bytes,

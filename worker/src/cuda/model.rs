@@ -1,0 +1,863 @@
+//! [`CudaModel`]: one rank's bf16 weights, KV cache and activation buffers on a GPU,
+//! and the forward pass (the CPU reference's math, [`crate::model::CpuModel::forward`]).
+//!
+//! Loading: per layer, this rank's rows/columns are read from the memory-mapped
+//! checkpoint exactly as the CPU loader packs them ([`pack_layer`]: fused `wq|wk|wv`
+//! rows, fused `w1|w3` rows, `wo`/`w2` columns), converted to bf16 on the host and
+//! uploaded; one log line per layer. `synthetic:<preset>` instead fills every tensor
+//! on the device by copying from a 32 MiB random bf16 pool (norms are ones) — the
+//! real shape and memory traffic, no file.
+//!
+//! Memory: activation buffers are allocated once for the largest step
+//! (`max_tokens` tokens, `max_seqs` logit rows). [`CudaModel::new`] then runs that
+//! step once on a temporary KV cache, reads free memory at its peak, and gives
+//! `memory_utilization` of the total, minus everything in use at that peak, to the
+//! KV cache ([`super::kv_blocks_for`]).
+//!
+//! The fused QKV weight is one allocation but is applied as three GEMMs over its row
+//! ranges, because RoPE and the KV write take contiguous q and k; gate|up is one GEMM.
+//! Per step: upload ids/positions/slots/logit rows, plan attention once, then per
+//! layer 5 GEMMs, rope, KV write, attention, 2 fused add-norms, swiglu and (TP > 1)
+//! two all-reduces; the logit rows are gathered with the embedding kernel (a row
+//! gather), projected to f32 logits, and gathered to rank 0 on the host.
+
+use std::time::Instant;
+
+use cudarc::driver::{CudaSlice, CudaStream};
+use half::bf16;
+use kernels::cuda::{AttnPlanConfig, CudaKernels};
+use kernels::reference::KvLayout;
+
+use super::collective::DeviceCollective;
+use super::gemm::Gemm;
+use super::{driver_err, kernel_err, kv_blocks_for, kv_bytes_per_block, MemoryProfile};
+use crate::checkpoint::{Checkpoint, Param};
+use crate::config::ModelConfig;
+use crate::model::{validate_step, LayerWeights, SeqChunk, ShardSpec, StepInput};
+use crate::WorkerError;
+
+/// How a [`CudaModel`] is sized.
+#[derive(Clone, Debug)]
+pub struct CudaModelConfig {
+    /// Most tokens in one step (the scheduler's `max_num_batched_tokens`).
+    pub max_tokens: usize,
+    /// Most logit rows in one step (the scheduler's `max_num_seqs`).
+    pub max_seqs: usize,
+    /// Tokens per KV block (a power of two).
+    pub block_size: usize,
+    /// Fraction of GPU memory for weights, activations and KV, in (0, 1].
+    pub memory_utilization: f64,
+    /// Cap on KV blocks (e.g. for tests).
+    pub max_kv_blocks: Option<u64>,
+}
+
+impl Default for CudaModelConfig {
+    fn default() -> Self {
+        Self {
+            max_tokens: 8192,
+            max_seqs: 256,
+            block_size: 16,
+            memory_utilization: super::DEFAULT_MEMORY_UTILIZATION,
+            max_kv_blocks: None,
+        }
+    }
+}
+
+/// Per-rank sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Local {
+    heads: usize,
+    kv_heads: usize,
+    ffn: usize,
+    vocab: usize,
+}
+
+impl Local {
+    fn new(cfg: &ModelConfig, shard: ShardSpec) -> Self {
+        Self {
+            heads: cfg.n_heads / shard.tp,
+            kv_heads: cfg.n_kv_heads / shard.tp,
+            ffn: cfg.hidden_dim / shard.tp,
+            vocab: cfg.vocab_size / shard.tp,
+        }
+    }
+}
+
+/// One rank's layer `i`, f32, packed as the CPU loader packs it (fused QKV rows,
+/// fused gate|up rows, row-parallel columns of `wo` and `w2`).
+pub fn pack_layer(
+    ckpt: &Checkpoint,
+    shard: ShardSpec,
+    i: usize,
+) -> Result<LayerWeights, WorkerError> {
+    let cfg = &ckpt.config;
+    let l = Local::new(cfg, shard);
+    let (r, hd) = (shard.rank, cfg.head_dim);
+    let rows = |p: Param, per: usize| ckpt.load_rows(p, r * per..(r + 1) * per);
+    let mut wqkv = rows(Param::Wq(i), l.heads * hd)?;
+    wqkv.extend(rows(Param::Wk(i), l.kv_heads * hd)?);
+    wqkv.extend(rows(Param::Wv(i), l.kv_heads * hd)?);
+    let mut w13 = rows(Param::W1(i), l.ffn)?;
+    w13.extend(rows(Param::W3(i), l.ffn)?);
+    Ok(LayerWeights {
+        attn_norm: ckpt.load_rows(Param::AttnNorm(i), 0..cfg.dim)?,
+        ffn_norm: ckpt.load_rows(Param::FfnNorm(i), 0..cfg.dim)?,
+        wqkv,
+        wo: ckpt.load_cols(Param::Wo(i), r * l.heads * hd..(r + 1) * l.heads * hd)?,
+        w13,
+        w2: ckpt.load_cols(Param::W2(i), r * l.ffn..(r + 1) * l.ffn)?,
+    })
+}
+
+struct DeviceLayer {
+    attn_norm: CudaSlice<bf16>,
+    ffn_norm: CudaSlice<bf16>,
+    wqkv: CudaSlice<bf16>,
+    wo: CudaSlice<bf16>,
+    w13: CudaSlice<bf16>,
+    w2: CudaSlice<bf16>,
+}
+
+struct DeviceWeights {
+    embed: CudaSlice<bf16>,
+    layers: Vec<DeviceLayer>,
+    norm: CudaSlice<bf16>,
+    lm_head: CudaSlice<bf16>,
+}
+
+/// Activation buffers for the largest step.
+struct Scratch {
+    residual: CudaSlice<bf16>,
+    normed: CudaSlice<bf16>,
+    q: CudaSlice<bf16>,
+    k: CudaSlice<bf16>,
+    v: CudaSlice<bf16>,
+    attn: CudaSlice<bf16>,
+    proj: CudaSlice<bf16>,
+    gate_up: CudaSlice<bf16>,
+    act: CudaSlice<bf16>,
+    ids: CudaSlice<u32>,
+    positions: CudaSlice<u32>,
+    slots: CudaSlice<u32>,
+    rows: CudaSlice<u32>,
+    selected: CudaSlice<bf16>,
+    logits: CudaSlice<f32>,
+}
+
+fn upload(
+    stream: &std::sync::Arc<CudaStream>,
+    host: &[f32],
+    what: &str,
+) -> Result<CudaSlice<bf16>, WorkerError> {
+    let b: Vec<bf16> = host.iter().map(|&v| bf16::from_f32(v)).collect();
+    stream.clone_htod(&b).map_err(driver_err(&format!(
+        "uploading {what} ({} MiB)",
+        (b.len() * 2) >> 20
+    )))
+}
+
+fn alloc_bf16(
+    stream: &std::sync::Arc<CudaStream>,
+    len: usize,
+    what: &str,
+) -> Result<CudaSlice<bf16>, WorkerError> {
+    stream.alloc_zeros::<bf16>(len).map_err(driver_err(&format!(
+        "allocating {what} ({} MiB)",
+        (len * 2) >> 20
+    )))
+}
+
+fn alloc_u32(
+    stream: &std::sync::Arc<CudaStream>,
+    len: usize,
+) -> Result<CudaSlice<u32>, WorkerError> {
+    stream
+        .alloc_zeros::<u32>(len)
+        .map_err(driver_err("allocating step metadata"))
+}
+
+/// Random bf16 weights of the right shapes, filled on the device.
+struct SyntheticFill {
+    pool: CudaSlice<bf16>,
+    ones: CudaSlice<bf16>,
+    offset: usize,
+}
+
+const POOL: usize = 16 << 20;
+
+impl SyntheticFill {
+    fn new(stream: &std::sync::Arc<CudaStream>, dim: usize) -> Result<Self, WorkerError> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let host: Vec<bf16> = (0..POOL)
+            .map(|_| bf16::from_f32(rng.random_range(-0.02f32..0.02)))
+            .collect();
+        let pool = stream
+            .clone_htod(&host)
+            .map_err(driver_err("uploading the synthetic weight pool"))?;
+        let ones = stream
+            .clone_htod(&vec![bf16::ONE; dim])
+            .map_err(driver_err("uploading the synthetic norm weights"))?;
+        Ok(Self {
+            pool,
+            ones,
+            offset: 0,
+        })
+    }
+
+    fn tensor(
+        &mut self,
+        stream: &std::sync::Arc<CudaStream>,
+        len: usize,
+        what: &str,
+    ) -> Result<CudaSlice<bf16>, WorkerError> {
+        let mut t = alloc_bf16(stream, len, what)?;
+        let mut done = 0;
+        while done < len {
+            // Start at a varying 8-aligned pool offset so tensors differ.
+            let start = self.offset % (POOL / 2) & !7;
+            let n = (len - done).min(POOL - start);
+            stream
+                .memcpy_dtod(
+                    &self.pool.slice(start..start + n),
+                    &mut t.slice_mut(done..done + n),
+                )
+                .map_err(driver_err(&format!("filling {what}")))?;
+            done += n;
+            self.offset = self.offset.wrapping_add(7919 * 8 + n);
+        }
+        Ok(t)
+    }
+
+    fn norm(&self, stream: &std::sync::Arc<CudaStream>) -> Result<CudaSlice<bf16>, WorkerError> {
+        let mut t = alloc_bf16(stream, self.ones.len(), "a norm weight")?;
+        stream
+            .memcpy_dtod(&self.ones, &mut t)
+            .map_err(driver_err("filling a norm weight"))?;
+        Ok(t)
+    }
+}
+
+/// Where the weights come from.
+pub enum WeightSource<'a> {
+    Checkpoint(&'a Checkpoint),
+    /// Random weights of this shape, filled on the device.
+    Synthetic(ModelConfig),
+}
+
+/// One rank of the model on one GPU.
+pub struct CudaModel {
+    kernels: CudaKernels,
+    gemm: Gemm,
+    cfg: ModelConfig,
+    shard: ShardSpec,
+    local: Local,
+    layout: KvLayout,
+    kv: Vec<(CudaSlice<bf16>, CudaSlice<bf16>)>,
+    weights: DeviceWeights,
+    scratch: Scratch,
+    sizing: CudaModelConfig,
+    profile: MemoryProfile,
+}
+
+impl CudaModel {
+    /// Loads this rank's weights onto the GPU of `kernels`, profiles the largest step,
+    /// and allocates the KV cache from what the memory budget leaves.
+    pub fn new(
+        kernels: CudaKernels,
+        source: WeightSource<'_>,
+        shard: ShardSpec,
+        sizing: CudaModelConfig,
+    ) -> Result<Self, WorkerError> {
+        let cfg = match &source {
+            WeightSource::Checkpoint(c) => c.config.clone(),
+            WeightSource::Synthetic(c) => c.clone(),
+        };
+        cfg.check_tp(shard.tp)?;
+        if shard.rank >= shard.tp {
+            return Err(WorkerError::Config(format!(
+                "rank {} is outside a TP group of {}",
+                shard.rank, shard.tp
+            )));
+        }
+        if !sizing.block_size.is_power_of_two() {
+            return Err(WorkerError::Config(format!(
+                "block_size {} must be a power of two on CUDA",
+                sizing.block_size
+            )));
+        }
+        let stream = kernels.stream().clone();
+        let gemm = Gemm::new(stream.clone(), kernels.arch())?;
+        let local = Local::new(&cfg, shard);
+        let weights = load_weights(&stream, &cfg, shard, local, source)?;
+        let scratch = alloc_scratch(&stream, &cfg, local, &sizing)?;
+        let layout = KvLayout {
+            num_blocks: 0,
+            n_kv_heads: local.kv_heads,
+            block_size: sizing.block_size,
+            head_dim: cfg.head_dim,
+        };
+        let mut model = Self {
+            kernels,
+            gemm,
+            cfg,
+            shard,
+            local,
+            layout,
+            kv: Vec::new(),
+            weights,
+            scratch,
+            sizing,
+            profile: MemoryProfile {
+                total: 0,
+                used_at_peak: 0,
+                profiling_kv: 0,
+            },
+        };
+        model.profile_and_allocate_kv()?;
+        Ok(model)
+    }
+
+    fn alloc_kv(&mut self, blocks: usize, what: &str) -> Result<(), WorkerError> {
+        self.kv.clear();
+        self.layout.num_blocks = blocks;
+        let stream = self.kernels.stream().clone();
+        for _ in 0..self.cfg.n_layers {
+            let k = alloc_bf16(&stream, self.layout.len(), what)?;
+            let v = alloc_bf16(&stream, self.layout.len(), what)?;
+            self.kv.push((k, v));
+        }
+        Ok(())
+    }
+
+    /// Runs the largest step on a temporary cache, then sizes the real one.
+    fn profile_and_allocate_kv(&mut self) -> Result<(), WorkerError> {
+        let bs = self.sizing.block_size;
+        let n = self.sizing.max_tokens;
+        let seqs = self.sizing.max_seqs.clamp(1, n);
+        // `seqs` sequences sharing the token budget, each sampling its last token.
+        let per = n / seqs;
+        let blocks_per_seq = (per + n % seqs).div_ceil(bs);
+        let profiling_blocks = seqs * blocks_per_seq;
+        self.alloc_kv(profiling_blocks, "the profiling KV cache")?;
+        let tables: Vec<Vec<u32>> = (0..seqs)
+            .map(|s| ((s * blocks_per_seq) as u32..((s + 1) * blocks_per_seq) as u32).collect())
+            .collect();
+        let tokens: Vec<Vec<u32>> = (0..seqs)
+            .map(|s| vec![1; per + if s == 0 { n % seqs } else { 0 }])
+            .collect();
+        let chunks: Vec<SeqChunk<'_>> = (0..seqs)
+            .map(|s| SeqChunk {
+                block_table: &tables[s],
+                cached: 0,
+                tokens: &tokens[s],
+                sample: true,
+            })
+            .collect();
+        let step = StepInput::build(bs, self.cfg.sliding_window, &chunks);
+        let mut peak_free = u64::MAX;
+        let started = Instant::now();
+        self.run(&step, &mut DeviceCollective::solo(), Some(&mut peak_free))?;
+        let ctx = self.kernels.context().clone();
+        let (_, total) = ctx
+            .mem_get_info()
+            .map_err(driver_err("reading GPU memory"))?;
+        self.profile = MemoryProfile {
+            total: total as u64,
+            used_at_peak: total as u64 - peak_free.min(total as u64),
+            profiling_kv: profiling_blocks as u64
+                * kv_bytes_per_block(&self.cfg, self.shard.tp, bs),
+        };
+        self.kv.clear();
+        self.kernels
+            .synchronize()
+            .map_err(kernel_err("freeing the profiling cache"))?;
+        let per_block = kv_bytes_per_block(&self.cfg, self.shard.tp, bs);
+        let blocks = kv_blocks_for(
+            self.profile,
+            self.sizing.memory_utilization,
+            per_block,
+            self.sizing.max_kv_blocks,
+        )
+        .min(u64::from(u32::MAX));
+        tracing::info!(
+            step_tokens = n,
+            step_seqs = seqs,
+            seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+            total_mib = self.profile.total >> 20,
+            used_at_peak_mib = (self.profile.used_at_peak - self.profile.profiling_kv) >> 20,
+            utilization = self.sizing.memory_utilization,
+            "profiled the largest step"
+        );
+        if blocks < 2 {
+            return Err(WorkerError::Config(format!(
+                "no room for a KV cache: {} MiB of {} MiB are needed for weights and the largest step ({n} tokens), and --gpu-memory-utilization {} allows {} MiB; lower --max-num-batched-tokens or raise --tp",
+                (self.profile.used_at_peak - self.profile.profiling_kv) >> 20,
+                self.profile.total >> 20,
+                self.sizing.memory_utilization,
+                (self.profile.total as f64 * self.sizing.memory_utilization) as u64 >> 20
+            )));
+        }
+        self.alloc_kv(
+            blocks as usize,
+            &format!("the KV cache ({blocks} blocks of {per_block} bytes)"),
+        )?;
+        tracing::info!(
+            kv_blocks = blocks,
+            kv_tokens = blocks as usize * bs,
+            kv_mib = (blocks * per_block) >> 20,
+            "KV cache allocated"
+        );
+        Ok(())
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.layout.num_blocks
+    }
+
+    /// KV capacity in tokens.
+    pub fn kv_tokens(&self) -> usize {
+        self.layout.num_blocks * self.layout.block_size
+    }
+
+    pub fn memory_profile(&self) -> MemoryProfile {
+        self.profile
+    }
+
+    pub fn kernels(&self) -> &CudaKernels {
+        &self.kernels
+    }
+
+    /// GEMM shapes planned so far (each got its algorithm once).
+    pub fn planned_gemm_shapes(&self) -> usize {
+        self.gemm.planned_shapes()
+    }
+
+    /// Rejects a step this rank cannot execute.
+    pub fn validate(&self, step: &StepInput) -> Result<(), WorkerError> {
+        validate_step(&self.cfg, self.layout, step)?;
+        if step.tokens.len() > self.sizing.max_tokens
+            || step.logit_rows.len() > self.sizing.max_seqs
+        {
+            return Err(WorkerError::Step(format!(
+                "{} tokens and {} logit rows exceed this worker's step size ({} tokens, {} rows)",
+                step.tokens.len(),
+                step.logit_rows.len(),
+                self.sizing.max_tokens,
+                self.sizing.max_seqs
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs one step: `[logit_rows.len(), vocab]` f32 logits on rank 0, `None` on
+    /// other ranks. Every rank of the group must run the same step.
+    pub fn forward(
+        &mut self,
+        step: &StepInput,
+        coll: &mut DeviceCollective,
+    ) -> Result<Option<Vec<f32>>, WorkerError> {
+        self.validate(step)?;
+        self.run(step, coll, None)
+    }
+
+    fn run(
+        &mut self,
+        step: &StepInput,
+        coll: &mut DeviceCollective,
+        mut peak_free: Option<&mut u64>,
+    ) -> Result<Option<Vec<f32>>, WorkerError> {
+        let cfg = &self.cfg;
+        let (dim, hd, eps) = (cfg.dim, cfg.head_dim, cfg.norm_eps);
+        let l = self.local;
+        let n = step.tokens.len();
+        let m = step.logit_rows.len();
+        let (qd, kvd) = (l.heads * hd, l.kv_heads * hd);
+        let stream = self.kernels.stream().clone();
+        let k = &self.kernels;
+        let s = &mut self.scratch;
+        let w = &self.weights;
+        let gemm = &mut self.gemm;
+        let up = driver_err("uploading step metadata");
+        stream
+            .memcpy_htod(&step.tokens, &mut s.ids.slice_mut(0..n))
+            .map_err(&up)?;
+        stream
+            .memcpy_htod(&step.meta.positions(), &mut s.positions.slice_mut(0..n))
+            .map_err(&up)?;
+        stream
+            .memcpy_htod(&step.meta.slot_mapping(), &mut s.slots.slice_mut(0..n))
+            .map_err(&up)?;
+        stream
+            .memcpy_htod(&step.logit_rows, &mut s.rows.slice_mut(0..m))
+            .map_err(&up)?;
+        let plan = k
+            .plan_attention(&step.meta, l.heads, self.layout, AttnPlanConfig::default())
+            .map_err(kernel_err("planning attention"))?;
+        if let Some(p) = peak_free.as_deref_mut() {
+            k.synchronize().map_err(kernel_err("profiling"))?;
+            let (free, _) = k
+                .context()
+                .mem_get_info()
+                .map_err(driver_err("reading GPU memory"))?;
+            *p = (*p).min(free as u64);
+        }
+        let ke = kernel_err("forward");
+        k.embedding(
+            &s.ids.slice(0..n),
+            &w.embed,
+            dim,
+            &mut s.residual.slice_mut(0..n * dim),
+        )
+        .map_err(&ke)?;
+        for (i, lw) in w.layers.iter().enumerate() {
+            if i == 0 {
+                k.rms_norm(
+                    &s.residual.slice(0..n * dim),
+                    &lw.attn_norm,
+                    eps,
+                    dim,
+                    &mut s.normed.slice_mut(0..n * dim),
+                )
+                .map_err(&ke)?;
+            }
+            let normed = s.normed.slice(0..n * dim);
+            gemm.linear(
+                &normed,
+                &lw.wqkv.slice(0..qd * dim),
+                n,
+                dim,
+                qd,
+                &mut s.q.slice_mut(0..n * qd),
+            )?;
+            gemm.linear(
+                &normed,
+                &lw.wqkv.slice(qd * dim..(qd + kvd) * dim),
+                n,
+                dim,
+                kvd,
+                &mut s.k.slice_mut(0..n * kvd),
+            )?;
+            gemm.linear(
+                &normed,
+                &lw.wqkv.slice((qd + kvd) * dim..),
+                n,
+                dim,
+                kvd,
+                &mut s.v.slice_mut(0..n * kvd),
+            )?;
+            drop(normed);
+            k.rope(
+                &mut s.q.slice_mut(0..n * qd),
+                &mut s.k.slice_mut(0..n * kvd),
+                &s.positions.slice(0..n),
+                l.heads,
+                l.kv_heads,
+                hd,
+                cfg.rope_theta,
+            )
+            .map_err(&ke)?;
+            let (kc, vc) = &mut self.kv[i];
+            k.reshape_and_cache(
+                &s.k.slice(0..n * kvd),
+                &s.v.slice(0..n * kvd),
+                kc,
+                vc,
+                &s.slots.slice(0..n),
+                self.layout,
+            )
+            .map_err(&ke)?;
+            k.paged_attention(
+                &s.q.slice(0..n * qd),
+                kc,
+                vc,
+                &plan,
+                &mut s.attn.slice_mut(0..n * qd),
+            )
+            .map_err(&ke)?;
+            gemm.linear(
+                &s.attn.slice(0..n * qd),
+                &lw.wo,
+                n,
+                qd,
+                dim,
+                &mut s.proj.slice_mut(0..n * dim),
+            )?;
+            coll.all_reduce_bf16(&stream, &mut s.proj.slice_mut(0..n * dim))?;
+            k.fused_add_rms_norm(
+                &mut s.residual.slice_mut(0..n * dim),
+                &s.proj.slice(0..n * dim),
+                &lw.ffn_norm,
+                eps,
+                dim,
+                &mut s.normed.slice_mut(0..n * dim),
+            )
+            .map_err(&ke)?;
+            gemm.linear(
+                &s.normed.slice(0..n * dim),
+                &lw.w13,
+                n,
+                dim,
+                2 * l.ffn,
+                &mut s.gate_up.slice_mut(0..n * 2 * l.ffn),
+            )?;
+            k.swiglu(
+                &s.gate_up.slice(0..n * 2 * l.ffn),
+                l.ffn,
+                &mut s.act.slice_mut(0..n * l.ffn),
+            )
+            .map_err(&ke)?;
+            gemm.linear(
+                &s.act.slice(0..n * l.ffn),
+                &lw.w2,
+                n,
+                l.ffn,
+                dim,
+                &mut s.proj.slice_mut(0..n * dim),
+            )?;
+            coll.all_reduce_bf16(&stream, &mut s.proj.slice_mut(0..n * dim))?;
+            let next_norm = w.layers.get(i + 1).map_or(&w.norm, |nl| &nl.attn_norm);
+            k.fused_add_rms_norm(
+                &mut s.residual.slice_mut(0..n * dim),
+                &s.proj.slice(0..n * dim),
+                next_norm,
+                eps,
+                dim,
+                &mut s.normed.slice_mut(0..n * dim),
+            )
+            .map_err(&ke)?;
+        }
+        if m == 0 {
+            k.synchronize().map_err(&ke)?;
+            return Ok((coll.rank() == 0).then(Vec::new));
+        }
+        // Row gather: the embedding kernel with `normed` as the table.
+        k.embedding(
+            &s.rows.slice(0..m),
+            &s.normed.slice(0..n * dim),
+            dim,
+            &mut s.selected.slice_mut(0..m * dim),
+        )
+        .map_err(&ke)?;
+        gemm.linear_f32(
+            &s.selected.slice(0..m * dim),
+            &w.lm_head,
+            m,
+            dim,
+            l.vocab,
+            &mut s.logits.slice_mut(0..m * l.vocab),
+        )?;
+        let tp = coll.world_size();
+        let gathered = coll.gather_f32(&stream, &s.logits.slice(0..m * l.vocab))?;
+        drop(plan);
+        Ok(gathered.map(|g| reorder_logits(&g, tp, m, l.vocab)))
+    }
+}
+
+/// `[tp][m][vocab/tp]` (rank-major, as gathered) → `[m][vocab]`.
+pub fn reorder_logits(g: &[f32], tp: usize, m: usize, local_vocab: usize) -> Vec<f32> {
+    if tp == 1 {
+        return g.to_vec();
+    }
+    let vocab = tp * local_vocab;
+    let mut logits = vec![0f32; m * vocab];
+    for r in 0..tp {
+        for row in 0..m {
+            let src = &g[(r * m + row) * local_vocab..(r * m + row + 1) * local_vocab];
+            logits[row * vocab + r * local_vocab..row * vocab + (r + 1) * local_vocab]
+                .copy_from_slice(src);
+        }
+    }
+    logits
+}
+
+fn alloc_scratch(
+    stream: &std::sync::Arc<CudaStream>,
+    cfg: &ModelConfig,
+    l: Local,
+    sizing: &CudaModelConfig,
+) -> Result<Scratch, WorkerError> {
+    let (n, m) = (sizing.max_tokens, sizing.max_seqs);
+    let (qd, kvd) = (l.heads * cfg.head_dim, l.kv_heads * cfg.head_dim);
+    let a = |len: usize| alloc_bf16(stream, len, "activation buffers");
+    Ok(Scratch {
+        residual: a(n * cfg.dim)?,
+        normed: a(n * cfg.dim)?,
+        q: a(n * qd)?,
+        k: a(n * kvd)?,
+        v: a(n * kvd)?,
+        attn: a(n * qd)?,
+        proj: a(n * cfg.dim)?,
+        gate_up: a(n * 2 * l.ffn)?,
+        act: a(n * l.ffn)?,
+        ids: alloc_u32(stream, n)?,
+        positions: alloc_u32(stream, n)?,
+        slots: alloc_u32(stream, n)?,
+        rows: alloc_u32(stream, m)?,
+        selected: a(m * cfg.dim)?,
+        logits: stream
+            .alloc_zeros::<f32>(m * l.vocab)
+            .map_err(driver_err("allocating the logits buffer"))?,
+    })
+}
+
+fn load_weights(
+    stream: &std::sync::Arc<CudaStream>,
+    cfg: &ModelConfig,
+    shard: ShardSpec,
+    l: Local,
+    source: WeightSource<'_>,
+) -> Result<DeviceWeights, WorkerError> {
+    let started = Instant::now();
+    let hd = cfg.head_dim;
+    let (qkv_rows, dim) = ((l.heads + 2 * l.kv_heads) * hd, cfg.dim);
+    let mut bytes = 0usize;
+    let mut log_layer = |i: usize, layer_bytes: usize| {
+        bytes += layer_bytes;
+        tracing::info!(
+            rank = shard.rank,
+            tp = shard.tp,
+            layer = i + 1,
+            of = cfg.n_layers,
+            mib = bytes >> 20,
+            seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+            "uploading shard"
+        );
+    };
+    let sync = |what: &str| {
+        stream
+            .synchronize()
+            .map_err(driver_err(&format!("uploading {what}")))
+    };
+    let mut layers = Vec::with_capacity(cfg.n_layers);
+    let weights = match source {
+        WeightSource::Checkpoint(ckpt) => {
+            let embed = upload(
+                stream,
+                &ckpt.load_rows(Param::Embed, 0..cfg.vocab_size)?,
+                "the embedding",
+            )?;
+            for i in 0..cfg.n_layers {
+                let h = pack_layer(ckpt, shard, i)?;
+                let what = format!("layer {i}");
+                let layer = DeviceLayer {
+                    attn_norm: upload(stream, &h.attn_norm, &what)?,
+                    ffn_norm: upload(stream, &h.ffn_norm, &what)?,
+                    wqkv: upload(stream, &h.wqkv, &what)?,
+                    wo: upload(stream, &h.wo, &what)?,
+                    w13: upload(stream, &h.w13, &what)?,
+                    w2: upload(stream, &h.w2, &what)?,
+                };
+                sync(&what)?;
+                log_layer(
+                    i,
+                    2 * (h.wqkv.len() + h.wo.len() + h.w13.len() + h.w2.len() + 2 * dim),
+                );
+                layers.push(layer);
+            }
+            let norm = upload(
+                stream,
+                &ckpt.load_rows(Param::Norm, 0..dim)?,
+                "the final norm",
+            )?;
+            let lm_head = upload(
+                stream,
+                &ckpt.load_rows(
+                    Param::Output,
+                    shard.rank * l.vocab..(shard.rank + 1) * l.vocab,
+                )?,
+                "lm_head",
+            )?;
+            DeviceWeights {
+                embed,
+                layers,
+                norm,
+                lm_head,
+            }
+        }
+        WeightSource::Synthetic(_) => {
+            let mut fill = SyntheticFill::new(stream, dim)?;
+            let embed = fill.tensor(stream, cfg.vocab_size * dim, "the embedding")?;
+            for i in 0..cfg.n_layers {
+                let what = format!("layer {i}");
+                let layer = DeviceLayer {
+                    attn_norm: fill.norm(stream)?,
+                    ffn_norm: fill.norm(stream)?,
+                    wqkv: fill.tensor(stream, qkv_rows * dim, &what)?,
+                    wo: fill.tensor(stream, dim * l.heads * hd, &what)?,
+                    w13: fill.tensor(stream, 2 * l.ffn * dim, &what)?,
+                    w2: fill.tensor(stream, dim * l.ffn, &what)?,
+                };
+                sync(&what)?;
+                log_layer(
+                    i,
+                    2 * (qkv_rows * dim + dim * l.heads * hd + 3 * l.ffn * dim + 2 * dim),
+                );
+                layers.push(layer);
+            }
+            DeviceWeights {
+                embed,
+                layers,
+                norm: fill.norm(stream)?,
+                lm_head: fill.tensor(stream, l.vocab * dim, "lm_head")?,
+            }
+        }
+    };
+    sync("the weights")?;
+    Ok(weights)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::RankWeights;
+    use crate::synth::{synthesize, SynthOptions};
+
+    #[test]
+    fn packed_layers_match_the_cpu_loaders_layout_at_tp_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = ModelConfig::tiny();
+        cfg.n_layers = 2;
+        let opts = SynthOptions {
+            config: cfg,
+            seed: 3,
+            progress: false,
+            ..Default::default()
+        };
+        synthesize(&opts, dir.path()).unwrap();
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        for rank in 0..2 {
+            let shard = ShardSpec { tp: 2, rank };
+            let cpu = RankWeights::load(&ckpt, shard, false).unwrap();
+            for i in 0..2 {
+                let p = pack_layer(&ckpt, shard, i).unwrap();
+                let c = &cpu.layers[i];
+                assert_eq!(p.wqkv, c.wqkv, "rank {rank} layer {i} wqkv");
+                assert_eq!(p.w13, c.w13);
+                assert_eq!(p.wo, c.wo);
+                assert_eq!(p.w2, c.w2);
+                assert_eq!(p.attn_norm, c.attn_norm);
+                assert_eq!(p.ffn_norm, c.ffn_norm);
+            }
+        }
+    }
+
+    #[test]
+    fn gathered_logits_are_reordered_rank_major_to_row_major() {
+        // tp = 2, m = 2 rows, 3 local vocab entries: rank r row i holds r*10 + i*3 + j.
+        let g: Vec<f32> = (0..2)
+            .flat_map(|r| {
+                (0..2).flat_map(move |i| (0..3).map(move |j| (r * 10 + i * 3 + j) as f32))
+            })
+            .collect();
+        let l = reorder_logits(&g, 2, 2, 3);
+        assert_eq!(
+            l,
+            vec![0., 1., 2., 10., 11., 12., 3., 4., 5., 13., 14., 15.]
+        );
+    }
+}

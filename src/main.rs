@@ -163,7 +163,9 @@ fn main() -> ExitCode {
 fn run_worker(a: WorkerArgs) -> anyhow::Result<()> {
     if let Some(dev) = a.device.0 {
         if a.backend.is_some() || a.gpu.is_some() {
-            anyhow::bail!("--device cuda runs the CUDA backend; --backend and --gpu are for CPU workers");
+            anyhow::bail!(
+                "--device cuda runs the CUDA backend; --backend and --gpu are for CPU workers"
+            );
         }
         if !worker::cuda::driver_available() {
             anyhow::bail!("--device cuda: no CUDA driver on this machine (libcuda.so could not be loaded); use --device cpu");

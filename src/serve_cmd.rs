@@ -153,7 +153,9 @@ impl ServeArgs {
     pub fn into_config(self) -> anyhow::Result<ServeConfig> {
         let cuda = matches!(self.device, Device::Cuda);
         if cuda && !matches!(self.worker_backend, WorkerBackend::Cpu) {
-            anyhow::bail!("--device cuda runs the CUDA backend; --worker-backend is for CPU workers");
+            anyhow::bail!(
+                "--device cuda runs the CUDA backend; --worker-backend is for CPU workers"
+            );
         }
         if cuda && self.workers.is_none() && !worker::cuda::driver_available() {
             anyhow::bail!("--device cuda: no CUDA driver on this machine (libcuda.so could not be loaded); run on a machine with an NVIDIA GPU and driver, or use --device cpu");
@@ -238,7 +240,12 @@ impl ServeArgs {
         } else {
             self.served_model_names
                 .iter()
-                .map(|n| n.split_once('=').map_or(n.as_str(), |x| x.0).trim().to_string())
+                .map(|n| {
+                    n.split_once('=')
+                        .map_or(n.as_str(), |x| x.0)
+                        .trim()
+                        .to_string()
+                })
                 .collect()
         };
         let ops_config = OpsConfig {

@@ -71,7 +71,9 @@ async fn main() {
         }
         let mut readers = Vec::new();
         for i in 0..n {
-            let prompt: Vec<u32> = (0..16).map(|t| 1000 + (i as u32 * 31 + t) % 30000).collect();
+            let prompt: Vec<u32> = (0..16)
+                .map(|t| 1000 + (i as u32 * 31 + t) % 30000)
+                .collect();
             let mut stream = engine
                 .submit(GenerateRequest {
                     prompt,

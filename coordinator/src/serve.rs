@@ -101,7 +101,10 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
             let lw = LocalWorkers::start(LocalWorkersConfig {
                 exe: config.exe.clone(),
                 tp: config.tp,
-                device: (match (config.device.starts_with("cuda"), config.nccl_unique_id.is_some()) {
+                device: (match (
+                    config.device.starts_with("cuda"),
+                    config.nccl_unique_id.is_some(),
+                ) {
                     (true, true) => "cuda",
                     (true, false) => "cuda:0",
                     (false, _) => "cpu",

@@ -555,7 +555,10 @@ async fn metrics_report_requests_tokens_latencies_and_kv_usage() {
         parts += value(&format!("stral_step_{phase}_seconds_sum"));
     }
     assert!(value("stral_step_engine_seconds_sum") > 0.0);
-    assert!(value("stral_step_worker_seconds_sum") > 0.0, "the CPU forward pass takes time");
+    assert!(
+        value("stral_step_worker_seconds_sum") > 0.0,
+        "the CPU forward pass takes time"
+    );
     let wall = value("stral_step_duration_seconds_sum");
     assert!(
         (parts - wall).abs() <= 1e-5 * steps + 1e-6,

@@ -320,7 +320,11 @@ impl CpuModel {
 
 /// Rejects a step a rank with this config and KV layout cannot execute, naming the
 /// problem (shared by the CPU and CUDA backends).
-pub fn validate_step(cfg: &ModelConfig, layout: KvLayout, step: &StepInput) -> Result<(), WorkerError> {
+pub fn validate_step(
+    cfg: &ModelConfig,
+    layout: KvLayout,
+    step: &StepInput,
+) -> Result<(), WorkerError> {
     let m = &step.meta;
     let n_seqs = m.ctx_lens.len();
     if m.block_size != layout.block_size {
@@ -333,7 +337,10 @@ pub fn validate_step(cfg: &ModelConfig, layout: KvLayout, step: &StepInput) -> R
         || m.q_indptr.first() != Some(&0)
         || m.q_indptr.windows(2).any(|w| w[0] > w[1])
     {
-        return Err(WorkerError::Step("q_indptr must start at 0, be non-decreasing and have one entry per sequence plus one".into()));
+        return Err(WorkerError::Step(
+            "q_indptr must start at 0, be non-decreasing and have one entry per sequence plus one"
+                .into(),
+        ));
     }
     if m.n_tokens() != step.tokens.len() {
         return Err(WorkerError::Step(format!(

@@ -334,9 +334,11 @@ impl Inner {
                 };
                 &resolved
             }
-            (Some(b), d) => return config_err(format!(
+            (Some(b), d) => {
+                return config_err(format!(
                 "device '{d}': this worker was started for device '{b}' (stral worker --backend)"
-            )),
+            ))
+            }
         };
         if let Some(dev) = crate::cuda::CudaDevice::parse(&req.device)? {
             let (max_tokens, max_seqs) = scheduler_defaults();

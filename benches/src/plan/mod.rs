@@ -531,7 +531,10 @@ mod tests {
             assert!(g >= last, "TTFT ≤ {ttft} ms: {g} GPUs after {last}");
             last = g;
         }
-        assert!(last > gpus(&quick(8000, 4000.0)), "the tightest SLO costs more");
+        assert!(
+            last > gpus(&quick(8000, 4000.0)),
+            "the tightest SLO costs more"
+        );
     }
 
     #[test]

@@ -237,7 +237,10 @@ impl Executor for GrpcExecutor {
             return Err(Self::lost(0, "the group is not initialized"));
         }
         if let Some(step) = self.in_flight {
-            return Err(Self::lost(0, format!("internal: step {step} is still in flight")));
+            return Err(Self::lost(
+                0,
+                format!("internal: step {step} is still in flight"),
+            ));
         }
         self.in_flight = Some(plan.step);
         let msg = into_proto(plan);

@@ -3,14 +3,10 @@
 //! strings, and every error path.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use coordinator::engine::grpc::{GrpcExecutor, GrpcGroupConfig};
-use coordinator::engine::{
-    run_engine, EngineConfig, EngineEvent, EngineHandle, GenerateRequest, SamplingParams,
-};
+use coordinator::engine::{EngineEvent, EngineHandle, GenerateRequest, SamplingParams};
 use coordinator::http::{router, AppState, HttpConfig};
 use coordinator::metrics::Metrics;
 use coordinator::prompt::encode_fim;
@@ -19,42 +15,8 @@ use http_body_util::BodyExt;
 use scheduler::SchedulerConfig;
 use serde_json::{json, Value};
 use tower::ServiceExt;
-use worker::safetensors_io::StoredDtype;
-use worker::service::{WorkerConfig, WorkerService};
-use worker::synth::{synthesize, SynthOptions};
-use worker::{CheckpointFormat, ModelConfig};
 
-/// A one-layer model with the real vocabulary: fast, and every tokenizer id is valid.
-fn model_dir() -> std::path::PathBuf {
-    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("stral-http-model");
-        let _ = std::fs::remove_dir_all(&dir);
-        let config = ModelConfig {
-            n_layers: 1,
-            dim: 64,
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 16,
-            hidden_dim: 128,
-            max_position_embeddings: 512,
-            ..ModelConfig::tiny()
-        };
-        synthesize(
-            &SynthOptions {
-                config,
-                format: CheckpointFormat::Mistral,
-                dtype: StoredDtype::F32,
-                seed: 1,
-                progress: false,
-            },
-            &dir,
-        )
-        .unwrap();
-        dir
-    })
-    .clone()
-}
+mod common;
 
 struct Stack {
     app: axum::Router,
@@ -63,40 +25,7 @@ struct Stack {
 }
 
 async fn stack(http: HttpConfig, scheduler: SchedulerConfig) -> Stack {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
-    let service = WorkerService::new(WorkerConfig {
-        listen: addr.clone(),
-        ..Default::default()
-    })
-    .into_server();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(incoming),
-    );
-    let exec = GrpcExecutor::new(GrpcGroupConfig {
-        workers: vec![addr],
-        model_path: model_dir().to_string_lossy().into_owned(),
-        kv_cache_bytes: 8 << 20,
-        init_timeout: Duration::from_secs(30),
-        ..Default::default()
-    });
-    let (engine, _task) = run_engine(
-        exec,
-        EngineConfig {
-            scheduler,
-            ..Default::default()
-        },
-    );
-    for _ in 0..600 {
-        if engine.is_ready() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(engine.is_ready(), "engine never became ready");
+    let engine = common::engine_over_loopback_worker(scheduler).await;
     let tokenizer = Tokenizer::codestral().unwrap();
     let state = AppState::new(
         engine.clone(),

@@ -57,12 +57,12 @@ impl Histogram {
 
     /// Mean of the observations, `None` before the first one.
     pub fn mean_seconds(&self) -> Option<f64> {
-        let n = self.count.load(Ordering::Relaxed);
-        (n > 0).then(|| self.sum_us.load(Ordering::Relaxed) as f64 / 1e6 / n as f64)
+        let n = self.count();
+        (n > 0).then(|| self.sum_seconds() / n as f64)
     }
 
-    /// The `_bucket`/`_sum`/`_count` lines of one labelled series (`labels` like
-    /// `team="a"`), without HELP/TYPE.
+    /// The `_bucket`/`_sum`/`_count` lines of one series (`labels` like `team="a"`, or
+    /// empty for an unlabelled one), without HELP/TYPE.
     pub fn render_series(&self, out: &mut String, name: &str, labels: &str) {
         let sep = if labels.is_empty() { "" } else { "," };
         let mut cumulative = 0;
@@ -72,29 +72,18 @@ impl Histogram {
         }
         let count = self.count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum{{{labels}}} {}",
-            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+        let braced = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braced} {}", self.sum_seconds());
+        let _ = writeln!(out, "{name}_count{braced} {count}");
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (b, c) in LATENCY_BUCKETS.iter().zip(&self.counts) {
-            cumulative += c.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count {count}");
+        self.render_series(out, name, "");
     }
 }
 

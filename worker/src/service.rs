@@ -6,7 +6,8 @@
 //! device `sim:<gpu>` a [`StepTimeModel`] and no weights at all — its [`Collective`] with the
 //! other ranks, and a mirror of every live sequence's block table, cached-token
 //! count and sampler. `Init` replaces all of it; `Steps` executes plans in arrival
-//! order on a blocking thread (the async runtime only moves messages).
+//! order, on the runtime thread itself in `stral worker` (one thread reads a plan,
+//! runs it and writes the result) or on a blocking thread where a runtime is shared.
 //!
 //! Invariants:
 //! - A plan is checked completely (ids, positions, block ranges and coverage,
@@ -28,7 +29,7 @@
 //!
 //! Costs per step besides the forward pass: O(Σ block-table lengths) to build the
 //! attention metadata, O(vocab) per sampled sequence on rank 0 (rows sampled in
-//! parallel), one hop to a blocking thread.
+//! parallel); in `stral worker` no thread hand-off.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -73,6 +74,12 @@ pub struct WorkerConfig {
     /// "null", "sim:h100"): an Init with device "" gets it, an Init asking for another
     /// device is refused. `None` serves whatever each Init asks for.
     pub backend: Option<String>,
+    /// Run each step on the runtime thread that read its plan, blocking that thread
+    /// until the step is done. Only for a runtime that serves this one rank and
+    /// nothing else (`stral worker`'s single-threaded runtime): reading a plan,
+    /// running it and writing its result then never cross a thread. Two in-process
+    /// ranks on one such runtime would deadlock in their first collective.
+    pub inline_steps: bool,
 }
 
 impl Default for WorkerConfig {
@@ -83,6 +90,7 @@ impl Default for WorkerConfig {
             collective_connect_timeout: Duration::from_secs(20),
             collective_op_timeout: Duration::from_secs(60),
             backend: None,
+            inline_steps: false,
         }
     }
 }
@@ -115,11 +123,13 @@ pub async fn run_worker(config: WorkerConfig) -> Result<(), WorkerError> {
     }
 }
 
-/// [`run_worker`] on a runtime of its own (for `stral worker`). A step still running
-/// at shutdown gets a second to finish.
-pub fn run_worker_blocking(config: WorkerConfig) -> Result<(), WorkerError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+/// [`run_worker`] on a runtime of its own (for `stral worker`): one thread that moves
+/// messages and runs the steps inline (`inline_steps`), so a step costs no thread
+/// hand-off; Init still loads on a blocking thread. A step still running at shutdown
+/// gets a second to finish.
+pub fn run_worker_blocking(mut config: WorkerConfig) -> Result<(), WorkerError> {
+    config.inline_steps = true;
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .thread_name("worker-rpc")
         .enable_all()
         .build()
@@ -230,10 +240,13 @@ impl Worker for WorkerService {
                 }
                 let step = plan.step;
                 let exec = inner.clone();
-                // On a multi-threaded runtime the step runs right here (the runtime moves
-                // its other tasks to another thread), saving two thread hand-offs per
-                // step; elsewhere (e.g. single-threaded test runtimes) on a blocking thread.
-                let result = if tokio::runtime::Handle::current().runtime_flavor()
+                // `stral worker`: inline on the one runtime thread. On a multi-threaded
+                // runtime the step runs right here too (the runtime moves its other
+                // tasks to another thread); elsewhere (e.g. single-threaded test runtimes
+                // hosting several ranks) on a blocking thread.
+                let result = if inner.config.inline_steps {
+                    exec.execute(plan)
+                } else if tokio::runtime::Handle::current().runtime_flavor()
                     == tokio::runtime::RuntimeFlavor::MultiThread
                 {
                     tokio::task::block_in_place(move || exec.execute(plan))

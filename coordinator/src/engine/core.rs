@@ -39,7 +39,13 @@ impl Default for EngineConfig {
     }
 }
 
-/// Starts the engine loop on the current tokio runtime.
+/// Starts the engine loop on a thread of its own, with a single-threaded tokio
+/// runtime that also drives the executor's connections: a step's submit, the
+/// workers' answers and the next schedule then never wait for another thread.
+/// Token events still reach readers on the caller's runtime through channels.
+///
+/// The returned task (on the caller's runtime) ends when the loop ends; aborting
+/// it stops the loop at its next await, as does dropping every [`EngineHandle`].
 pub fn run_engine<E: Executor>(
     executor: E,
     config: EngineConfig,
@@ -50,20 +56,42 @@ pub fn run_engine<E: Executor>(
     let handle = EngineHandle::new(tx, step_time.clone(), phases.clone());
     let shared = handle.shared().clone();
     // The loop must not keep the command channel alive: it ends when every handle is gone.
+    let mut engine = Engine {
+        exec: executor,
+        config,
+        shared,
+        rx,
+        step_time,
+        phases,
+        requests: HashMap::new(),
+        pending: Vec::new(),
+        finished: Vec::new(),
+        steps: 0,
+    };
+    let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a single-threaded tokio runtime for the engine");
+    std::thread::Builder::new()
+        .name("stral-engine".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                tokio::select! {
+                    () = engine.run() => {}
+                    _ = cancel_rx => {}
+                }
+            });
+            // Dropping the runtime closes the executor's connections.
+            drop(runtime);
+            let _ = done_tx.send(());
+        })
+        .expect("spawning the engine thread");
     let task = tokio::spawn(async move {
-        let mut engine = Engine {
-            exec: executor,
-            config,
-            shared,
-            rx,
-            step_time,
-            phases,
-            requests: HashMap::new(),
-            pending: Vec::new(),
-            finished: Vec::new(),
-            steps: 0,
-        };
-        engine.run().await;
+        // Aborting this task drops the sender, which stops the loop.
+        let _cancel = cancel_tx;
+        let _ = done_rx.await;
     });
     (handle, task)
 }

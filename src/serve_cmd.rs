@@ -62,20 +62,30 @@ pub struct ServeArgs {
     /// Model name clients may send (repeatable). Default: codestral-latest,
     /// codestral-2405, stral. `NAME=SPEC` makes an alias served by other backends with an
     /// optional A/B split sticky per key: SPEC is a comma list of `TARGET[#MODEL][@WEIGHT]`,
-    /// TARGET one of `local`, `fallback` or an `http://` URL
+    /// TARGET one of `local`, `fallback` or an `http://` / `https://` URL
     /// (e.g. `codestral-latest=local@90,fallback#codestral-2501@10`).
     #[arg(long = "served-model-name")]
     served_model_names: Vec<String>,
-    /// Key file (TOML): keys or their SHA-256, name, team, per-key and per-team limits
-    /// (requests/min, tokens/min, tokens/day, concurrent), admin and fallback rules.
-    /// Reloaded on SIGHUP and when the file changes. See README "Keys, limits, fallback".
+    /// Key file (TOML, or YAML when named `.yaml`/`.yml`; same fields): keys or their
+    /// SHA-256, name, team, per-key and per-team limits (requests/min, tokens/min,
+    /// tokens/day, concurrent), admin and fallback rules. Reloaded on SIGHUP and when the
+    /// file changes. See README "Keys, limits, fallback".
     #[arg(long)]
     keys_config: Option<PathBuf>,
-    /// Another Mistral/OpenAI-compatible endpoint (`http://host:port[/v1]`) that serves
-    /// requests when no worker group is ready, when the queue would break
-    /// --fallback-ttft-budget-ms, or for keys with `fallback = "always"`.
+    /// How often the key file's modification time is checked, in milliseconds; 0 reloads
+    /// on SIGHUP only.
+    #[arg(long, default_value_t = 1000, requires = "keys_config")]
+    keys_reload_poll_ms: u64,
+    /// Another Mistral/OpenAI-compatible endpoint (`http[s]://host[:port][/v1]`, e.g.
+    /// `https://codestral.mistral.ai/v1`) that serves requests when no worker group is
+    /// ready, when the queue would break --fallback-ttft-budget-ms, or for keys with
+    /// `fallback = "always"`.
     #[arg(long)]
     fallback_url: Option<String>,
+    /// PEM file of CA certificates to trust for `https://` upstreams, in addition to the
+    /// built-in Mozilla (webpki) roots: for a private upstream with its own CA.
+    #[arg(long)]
+    fallback_ca_file: Option<PathBuf>,
     /// Bearer key sent to the fallback upstream.
     #[arg(long, env = "STRAL_FALLBACK_API_KEY", hide_env_values = true)]
     fallback_api_key: Option<String>,
@@ -248,16 +258,20 @@ impl ServeArgs {
                 })
                 .collect()
         };
+        if self.fallback_ca_file.is_some() && self.fallback_url.is_none() && aliases.is_empty() {
+            anyhow::bail!("--fallback-ca-file is for https upstreams: give --fallback-url or an alias with an https:// target");
+        }
         let ops_config = OpsConfig {
             key_file: self.keys_config,
             plain_keys: api_keys.clone(),
             fallback_url: self.fallback_url,
+            fallback_ca_file: self.fallback_ca_file,
             fallback_api_key: self.fallback_api_key,
             fallback_ttft_budget: self.fallback_ttft_budget_ms.map(Duration::from_millis),
             max_num_seqs: self.max_num_seqs,
             aliases,
             metrics_key_label: self.metrics_key_label,
-            ..OpsConfig::default()
+            reload_poll: Duration::from_millis(self.keys_reload_poll_ms),
         };
         let ops = if ops_config.is_active() {
             Some(Ops::new(ops_config)?)

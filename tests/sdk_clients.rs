@@ -76,11 +76,25 @@ fn mistralai_and_openai_sdks_work_unmodified_streaming_and_not() {
 #[test]
 fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     let schemathesis = venv().join("bin/schemathesis");
+    // The key is an admin in a key file, so the ops layer is on: GET /v1/usage answers
+    // (and its report is checked against the schema), and generation responses carry
+    // x-stral-served-by and the x-ratelimit-* headers of limits set too high to refuse.
+    let keys = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("stral-sdk-fuzz-keys.toml");
+    std::fs::write(
+        &keys,
+        "[[keys]]\nname = \"fuzz\"\nkey = \"fuzz-key\"\nadmin = true\nrequests_per_minute = 1000000\ntokens_per_minute = 1000000000\n",
+    )
+    .unwrap();
     // The null backend answers instantly, so the fuzzer's requests cost only the API.
     let server = Server::start(
         model_dir(),
         2,
-        &["--worker-backend", "null", "--api-key", "fuzz-key"],
+        &[
+            "--worker-backend",
+            "null",
+            "--keys-config",
+            keys.to_str().unwrap(),
+        ],
     );
     // Every check, on every phase (tests/clients/schemathesis.toml says which one is off
     // for chat, and why; schemathesis_hooks.py keeps max_tokens small). One worker:

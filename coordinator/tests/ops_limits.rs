@@ -415,3 +415,206 @@ fn ab_split_over_a_thousand_keys_is_within_three_percent_and_sticky() {
         assert_eq!(route.pick(k), route.pick(k), "sticky per key");
     }
 }
+
+/// Checks `value` against a schema of `doc` (the OpenAPI 3.0 subset the document uses:
+/// `$ref`, `allOf`, `type`, `nullable`, `enum`, `minimum`, `required`, `properties`,
+/// `additionalProperties: false`, `items`). `at` names the place in errors.
+fn conforms(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+    if let Some(r) = schema["$ref"].as_str() {
+        let target = doc
+            .pointer(r.trim_start_matches('#'))
+            .ok_or(format!("{at}: no {r}"))?;
+        return conforms(doc, target, value, at);
+    }
+    if let Some(all) = schema["allOf"].as_array() {
+        return all.iter().try_for_each(|s| conforms(doc, s, value, at));
+    }
+    if value.is_null() && schema["nullable"] == true {
+        return Ok(());
+    }
+    if let Some(allowed) = schema["enum"].as_array() {
+        if !allowed.contains(value) {
+            return Err(format!("{at}: {value} is not one of {allowed:?}"));
+        }
+    }
+    let type_ok = match schema["type"].as_str() {
+        None => true,
+        Some("object") => value.is_object(),
+        Some("array") => value.is_array(),
+        Some("integer") => value.is_u64() || value.is_i64(),
+        Some("number") => value.is_number(),
+        Some("string") => value.is_string(),
+        Some("boolean") => value.is_boolean(),
+        Some(t) => return Err(format!("{at}: the validator does not know type {t}")),
+    };
+    if !type_ok {
+        return Err(format!("{at}: {value} is not of type {}", schema["type"]));
+    }
+    if let (Some(min), Some(v)) = (schema["minimum"].as_f64(), value.as_f64()) {
+        if v < min {
+            return Err(format!("{at}: {v} < minimum {min}"));
+        }
+    }
+    if let Some(obj) = value.as_object() {
+        let props = schema["properties"].as_object();
+        for name in schema["required"].as_array().into_iter().flatten() {
+            let name = name.as_str().unwrap();
+            if !obj.contains_key(name) {
+                return Err(format!("{at}: required '{name}' is missing"));
+            }
+        }
+        for (name, v) in obj {
+            match props.and_then(|p| p.get(name)) {
+                Some(s) => conforms(doc, s, v, &format!("{at}.{name}"))?,
+                None if schema["additionalProperties"] == false => {
+                    return Err(format!("{at}: '{name}' is not in the schema"))
+                }
+                None => {}
+            }
+        }
+    }
+    if let (Some(items), Some(arr)) = (schema.get("items"), value.as_array()) {
+        for (i, v) in arr.iter().enumerate() {
+            conforms(doc, items, v, &format!("{at}[{i}]"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Every `x-ratelimit-*`, `x-stral-served-by` and `Retry-After` header of a response is
+/// documented on that response (`response` is its object in the document) and its
+/// value conforms to the header's schema. Returns how many were checked.
+fn headers_documented(doc: &Value, response: &Value, headers: &axum::http::HeaderMap) -> usize {
+    let response = match response["$ref"].as_str() {
+        Some(r) => doc.pointer(r.trim_start_matches('#')).unwrap(),
+        None => response,
+    };
+    let documented = response["headers"].as_object().cloned().unwrap_or_default();
+    let mut checked = 0;
+    for (name, value) in headers {
+        let name = name.as_str();
+        if !(name.starts_with("x-ratelimit-")
+            || name == "x-stral-served-by"
+            || name == "retry-after")
+        {
+            continue;
+        }
+        let spec = documented
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+            .unwrap_or_else(|| panic!("header {name} is not documented on {response}"));
+        let spec = match spec["$ref"].as_str() {
+            Some(r) => doc.pointer(r.trim_start_matches('#')).unwrap(),
+            None => spec,
+        };
+        let text = value.to_str().unwrap();
+        let value = match spec["schema"]["type"].as_str() {
+            Some("integer") => json!(text
+                .parse::<u64>()
+                .unwrap_or_else(|_| panic!("{name}: {text} is not an integer"))),
+            _ => json!(text),
+        };
+        conforms(doc, &spec["schema"], &value, name).unwrap();
+        checked += 1;
+    }
+    checked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_usage_report_and_the_limit_headers_are_what_openapi_json_documents() {
+    let (app, _ops, _) = stack(&format!(
+        r#"
+[[keys]]
+name = "capped"
+team = "ide"
+key = "sk-capped"
+requests_per_minute = 2
+tokens_per_minute = 100000
+max_concurrent = 3
+
+[[keys]]
+name = "root"
+sha256 = "{}"
+admin = true
+
+[teams.ide]
+tokens_per_day = 100000
+"#,
+        coordinator::ops::keys::hex_digest("sk-root")
+    ))
+    .await;
+    let (_, _, doc) = call(&app, "GET", "/openapi.json", None, "").await;
+    let fim_responses = &doc["paths"]["/v1/fim/completions"]["post"]["responses"];
+    let mut checked = 0;
+    for expect in [
+        StatusCode::OK,
+        StatusCode::OK,
+        StatusCode::TOO_MANY_REQUESTS,
+    ] {
+        let req = Request::builder()
+            .method("POST")
+            .uri("/v1/fim/completions")
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer sk-capped")
+            .body(Body::from(fim(3, 1).to_string()))
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), expect);
+        let response = &fim_responses[resp.status().as_str()];
+        checked += headers_documented(&doc, response, resp.headers());
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        if expect == StatusCode::TOO_MANY_REQUESTS {
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            conforms(
+                &doc,
+                &json!({"$ref": "#/components/schemas/Error"}),
+                &v,
+                "429",
+            )
+            .unwrap();
+        }
+    }
+    // 200: served-by + 3 request + 3 token headers, twice; 429: the same + Retry-After.
+    assert_eq!(checked, 7 + 7 + 8);
+
+    let (status, _, usage) = call(&app, "GET", "/v1/usage", None, "sk-root").await;
+    assert_eq!(status, StatusCode::OK);
+    let schema = &doc["paths"]["/v1/usage"]["get"]["responses"]["200"]["content"]
+        ["application/json"]["schema"];
+    conforms(&doc, schema, &usage, "usage").unwrap_or_else(|e| panic!("{e}\n{usage:#}"));
+    // The report is not vacuous: both keys and both teams, with live numbers in them.
+    assert_eq!(usage["keys"].as_array().unwrap().len(), 2);
+    assert_eq!(usage["teams"].as_array().unwrap().len(), 2);
+    let capped = &usage["keys"][0];
+    assert_eq!(capped["name"], "capped");
+    assert_eq!(
+        (capped["requests"].as_u64(), capped["rejected"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert!(capped["mean_latency_seconds"].as_f64().unwrap() > 0.0);
+    assert!(usage["keys"][1]["mean_latency_seconds"].is_null());
+    // The checker itself rejects what the document does not allow.
+    for (bad, why) in [
+        (
+            json!({"object": "usage", "served": {"local": 2, "fallback": 0}, "keys": [], "teams": [], "extra": 1}),
+            "not in the schema",
+        ),
+        (
+            json!({"object": "usage", "served": {"local": 2}, "keys": [], "teams": []}),
+            "required 'fallback'",
+        ),
+        (
+            json!({"object": "usage", "served": {"local": -1, "fallback": 0}, "keys": [], "teams": []}),
+            "minimum",
+        ),
+    ] {
+        let e = conforms(&doc, schema, &bad, "usage").unwrap_err();
+        assert!(e.contains(why), "{e}");
+    }
+    let (status, _, v) = call(&app, "GET", "/v1/usage", None, "sk-capped").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let forbidden = &doc["paths"]["/v1/usage"]["get"]["responses"]["403"]["content"]
+        ["application/json"]["schema"];
+    conforms(&doc, forbidden, &v, "403").unwrap();
+}

@@ -1,4 +1,4 @@
-//! The engine loop task: owns the scheduler and the executor; applies commands
+//! The engine loop (on its own thread): owns the scheduler and the executor; applies commands
 //! between steps; `schedule → execute → update`; fans tokens out to requests.
 //!
 //! Costs per step, beyond the executor: one scheduler round (O(running) plus O(1) per

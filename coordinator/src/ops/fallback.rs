@@ -1,15 +1,27 @@
 //! The upstream (fallback) client: forwards one API request to another Mistral/OpenAI
-//! compatible endpoint and streams its response back unchanged.
+//! compatible endpoint, over `http://` or `https://`, and streams its response back
+//! unchanged.
 //!
 //! The request body is the client's, byte for byte (re-serialized only when an alias
 //! renames the model); the client's credentials are never forwarded — the upstream sees
 //! `--fallback-api-key`. The response body is streamed through frame by frame (no
 //! buffering), so SSE arrives byte-identical; only the status and a few headers are
-//! looked at. Errors are mapped: unreachable or 5xx upstream → 502, upstream refusing our
-//! credentials → 502 (the client's key was fine), 429 and other 4xx pass through with
-//! their body and `Retry-After`. Cost: one pooled keep-alive HTTP/1.1 connection per
-//! concurrent request; per frame, one scan of its bytes for a `usage` object.
+//! looked at. Errors are mapped: unreachable or 5xx upstream, or one whose TLS
+//! certificate is not trusted → 502, upstream refusing our credentials → 502 (the
+//! client's key was fine), 429 and other 4xx pass through with their body and
+//! `Retry-After`.
+//!
+//! TLS is rustls (the `ring` provider). Trusted roots: the Mozilla set compiled in from
+//! `webpki-roots` (so `https://api.mistral.ai` works with no setup) plus the PEM
+//! certificates of `--fallback-ca-file` (a private CA). One [`UpstreamClient`] — one
+//! connection pool and one TLS configuration — is shared by every upstream. Cost: one
+//! pooled keep-alive HTTP/1.1 connection per concurrent request (a TLS handshake only
+//! when a new connection is opened); per frame, one scan of its bytes for a `usage`
+//! object.
 
+use std::error::Error as StdError;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -18,20 +30,103 @@ use axum::response::Response;
 use bytes::Bytes;
 use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use rustls::{ClientConfig, RootCertStore};
 
 use super::OpsError;
 use crate::http::AppError;
 
+/// The HTTP and HTTPS client every upstream shares: one connection pool, one set of
+/// trusted roots. Cheap to clone.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// How many CA certificates `--fallback-ca-file` added (TLS errors hint by it).
+    extra_roots: usize,
+}
+
+impl std::fmt::Debug for UpstreamClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamClient")
+            .field("extra_roots", &self.extra_roots)
+            .finish()
+    }
+}
+
+impl UpstreamClient {
+    /// A client trusting the webpki (Mozilla) roots plus every certificate in the PEM
+    /// file `ca_file`. Fails, naming the file, when it cannot be read or holds no
+    /// usable CA certificate.
+    pub fn new(ca_file: Option<&Path>) -> Result<Self, OpsError> {
+        let mut roots = RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        let extra = match ca_file {
+            Some(path) => read_ca_file(path)?,
+            None => Vec::new(),
+        };
+        let extra_roots = extra.len();
+        for (i, cert) in extra.into_iter().enumerate() {
+            roots.add(cert).map_err(|e| {
+                OpsError::FallbackCa(format!(
+                    "{}: certificate {} is not a usable CA certificate: {e}",
+                    ca_file.map(|p| p.display().to_string()).unwrap_or_default(),
+                    i + 1
+                ))
+            })?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| OpsError::FallbackCa(format!("TLS configuration: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Ok(Self {
+            client,
+            extra_roots,
+        })
+    }
+}
+
+/// The certificates of a PEM file (at least one).
+fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, OpsError> {
+    let name = path.display();
+    let bytes = std::fs::read(path).map_err(|e| OpsError::FallbackCa(format!("{name}: {e}")))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| OpsError::FallbackCa(format!("{name}: not a PEM file: {e}")))?;
+    if certs.is_empty() {
+        return Err(OpsError::FallbackCa(format!(
+            "{name}: no certificate found (expected PEM blocks '-----BEGIN CERTIFICATE-----')"
+        )));
+    }
+    Ok(certs)
+}
+
 /// One upstream endpoint.
 #[derive(Clone)]
 pub struct Upstream {
-    /// `http://host:port` plus an optional path prefix, no trailing slash.
+    /// `http[s]://host[:port]` plus an optional path prefix, no trailing slash.
     base: String,
     auth: Option<HeaderValue>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: UpstreamClient,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -57,19 +152,19 @@ const PASSED_HEADERS: [&str; 10] = [
 ];
 
 impl Upstream {
-    pub fn new(url: &str, api_key: Option<&str>) -> Result<Self, OpsError> {
+    /// An upstream at `url` (`http[s]://host[:port][/prefix]`) reached through `client`.
+    pub fn new(
+        url: &str,
+        api_key: Option<&str>,
+        client: &UpstreamClient,
+    ) -> Result<Self, OpsError> {
         let base = url.trim().trim_end_matches('/').to_string();
-        if base.starts_with("https://") {
-            return Err(OpsError::Fallback(format!(
-                "{base}: https upstreams are not supported (this build has no TLS client); put a TLS-terminating proxy on http:// in front"
-            )));
-        }
         let uri: Uri = base
             .parse()
             .map_err(|e| OpsError::Fallback(format!("{base} is not a URL: {e}")))?;
-        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
             return Err(OpsError::Fallback(format!(
-                "{base}: expected http://host:port[/prefix]"
+                "{base}: expected http[s]://host[:port][/prefix]"
             )));
         }
         let auth = api_key
@@ -82,13 +177,11 @@ impl Upstream {
                 v.set_sensitive(true);
                 v
             });
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
-        Ok(Self { base, auth, client })
+        Ok(Self {
+            base,
+            auth,
+            client: client.clone(),
+        })
     }
 
     pub fn base(&self) -> &str {
@@ -125,12 +218,12 @@ impl Upstream {
         let req = req
             .body(Full::new(body))
             .map_err(|e| AppError::Internal(format!("building the fallback request: {e}")))?;
-        let resp = self.client.request(req).await.map_err(|e| {
-            AppError::BadGateway(format!(
-                "the fallback upstream {} is unreachable: {e}",
-                self.base
-            ))
-        })?;
+        let resp = self
+            .client
+            .client
+            .request(req)
+            .await
+            .map_err(|e| self.request_failed(&e))?;
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(AppError::BadGateway(format!(
@@ -166,6 +259,40 @@ impl Upstream {
         *out.headers_mut() = headers;
         Ok(out)
     }
+}
+
+impl Upstream {
+    /// The 502 for a request that got no response: names a refused TLS certificate
+    /// and the flag that fixes it, else the whole cause chain.
+    fn request_failed(&self, e: &hyper_util::client::legacy::Error) -> AppError {
+        if let Some(tls) = causes(e).find_map(|c| c.downcast_ref::<rustls::Error>()) {
+            let hint = match self.client.extra_roots {
+                0 => "an upstream with a private CA needs --fallback-ca-file",
+                _ => "its certificate does not chain to the webpki roots or --fallback-ca-file",
+            };
+            return AppError::BadGateway(format!(
+                "the fallback upstream {} failed the TLS handshake: {tls} ({hint})",
+                self.base
+            ));
+        }
+        let chain: Vec<String> = causes(e).map(|c| c.to_string()).collect();
+        AppError::BadGateway(format!(
+            "the fallback upstream {} is unreachable: {}",
+            self.base,
+            chain.join(": ")
+        ))
+    }
+}
+
+/// An error and its causes, looking inside `io::Error`s (whose `source` skips the
+/// error they wrap, which is where rustls puts its own).
+fn causes<'a>(
+    e: &'a (dyn StdError + 'static),
+) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+    std::iter::successors(Some(e), |&e| match e.downcast_ref::<std::io::Error>() {
+        Some(io) => io.get_ref().map(|inner| inner as &(dyn StdError + 'static)),
+        None => e.source(),
+    })
 }
 
 /// Finds the last `"prompt_tokens": N` and `"completion_tokens": N` in a stream of
@@ -219,20 +346,74 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
+    fn client() -> UpstreamClient {
+        UpstreamClient::new(None).unwrap()
+    }
+
     #[test]
     fn url_joins_v1_once() {
-        let u = Upstream::new("http://h:1/v1/", None).unwrap();
+        let u = Upstream::new("http://h:1/v1/", None, &client()).unwrap();
         assert_eq!(
             u.url_for("/v1/chat/completions"),
             "http://h:1/v1/chat/completions"
         );
-        let u = Upstream::new("http://h:1", None).unwrap();
+        let u = Upstream::new("http://h:1", None, &client()).unwrap();
         assert_eq!(
             u.url_for("/v1/fim/completions"),
             "http://h:1/v1/fim/completions"
         );
-        assert!(Upstream::new("https://api.mistral.ai", None).is_err());
-        assert!(Upstream::new("h:1", None).is_err());
+    }
+
+    #[test]
+    fn accepts_http_and_https_upstreams_only() {
+        let u = Upstream::new("https://api.mistral.ai/v1", None, &client()).unwrap();
+        assert_eq!(
+            u.url_for("/v1/fim/completions"),
+            "https://api.mistral.ai/v1/fim/completions"
+        );
+        for bad in ["h:1", "ftp://h/v1", "https://", "not a url"] {
+            let e = Upstream::new(bad, None, &client()).unwrap_err().to_string();
+            assert!(e.starts_with("--fallback-url"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn bad_ca_files_are_refused_with_the_file_named() {
+        let dir = std::env::temp_dir().join(format!("stral-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let garbage_der = "-----BEGIN CERTIFICATE-----\nAAECAwQF\n-----END CERTIFICATE-----\n";
+        for (name, text, want) in [
+            ("empty.pem", "", "no certificate found"),
+            (
+                "key-only.pem",
+                "-----BEGIN PRIVATE KEY-----\nAAECAwQF\n-----END PRIVATE KEY-----\n",
+                "no certificate found",
+            ),
+            (
+                "cut.pem",
+                "-----BEGIN CERTIFICATE-----\nAAECAwQF\n",
+                "not a PEM file",
+            ),
+            (
+                "garbage.pem",
+                garbage_der,
+                "certificate 1 is not a usable CA certificate",
+            ),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            let e = UpstreamClient::new(Some(&path)).unwrap_err().to_string();
+            assert!(e.starts_with("--fallback-ca-file "), "{e}");
+            assert!(e.contains(name) && e.contains(want), "{name}: {e}");
+        }
+        let e = UpstreamClient::new(Some(&dir.join("missing.pem")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("missing.pem") && e.contains("No such file"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

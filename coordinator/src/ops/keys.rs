@@ -1,6 +1,7 @@
-//! API keys: the key file (TOML), SHA-256 digests, and constant-time lookup.
+//! API keys: the key file (TOML or YAML), SHA-256 digests, and constant-time lookup.
 //!
-//! File format (every field but `name` and one of `key`/`sha256` optional):
+//! File format (every field but `name` and one of `key`/`sha256` optional); a file named
+//! `*.yaml` or `*.yml` is read as YAML with the same fields, any other as TOML:
 //!
 //! ```toml
 //! [[keys]]
@@ -17,6 +18,19 @@
 //! [teams.platform]            # optional limits shared by all keys of a team
 //! tokens_per_minute = 200000
 //! ```
+//!
+//! ```yaml
+//! keys:
+//!   - name: alice
+//!     team: platform
+//!     key: sk-alice-...
+//!     requests_per_minute: 60
+//! teams:
+//!   platform:
+//!     tokens_per_minute: 200000
+//! ```
+//!
+//! Syntax and schema errors name the file, the line and the column.
 //!
 //! Invariant: only digests are kept in memory. A presented key is hashed once and looked
 //! up by digest; the match is then confirmed with a constant-time comparison. Timing can
@@ -106,6 +120,49 @@ pub struct KeySet {
 
 pub const DEFAULT_TEAM: &str = "default";
 
+/// The syntax of a key file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyFileFormat {
+    Toml,
+    Yaml,
+}
+
+impl KeyFileFormat {
+    /// YAML for `.yaml`/`.yml` (any case), TOML otherwise.
+    pub fn of(path: &Path) -> Self {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some(e) if e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml") => {
+                Self::Yaml
+            }
+            _ => Self::Toml,
+        }
+    }
+
+    fn read(self, text: &str) -> Result<KeyFile, String> {
+        match self {
+            Self::Toml => toml::from_str(text).map_err(|e| match e.span() {
+                Some(span) => {
+                    let (line, column) = line_column(text, span.start);
+                    format!("{} at line {line} column {column}", e.message().trim_end())
+                }
+                None => e.message().trim_end().to_string(),
+            }),
+            // serde_yaml_ng's messages end with "at line L column C" already.
+            Self::Yaml => serde_yaml_ng::from_str(text).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
+}
+
 fn parse_hex_digest(s: &str) -> Option<KeyDigest> {
     let s = s.trim();
     if s.len() != 64 {
@@ -121,9 +178,14 @@ fn parse_hex_digest(s: &str) -> Option<KeyDigest> {
 impl KeySet {
     /// Parses the TOML text of a key file; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, OpsError> {
-        let file: KeyFile = toml::from_str(text).map_err(|e| OpsError::KeyFile {
+        Self::parse_as(text, origin, KeyFileFormat::Toml)
+    }
+
+    /// Parses the text of a key file in `format`; `origin` names it in errors.
+    pub fn parse_as(text: &str, origin: &str, format: KeyFileFormat) -> Result<Self, OpsError> {
+        let file = format.read(text).map_err(|message| OpsError::KeyFile {
             path: origin.to_string(),
-            message: e.message().to_string(),
+            message,
         })?;
         let bad = |m: String| OpsError::KeyFile {
             path: origin.to_string(),
@@ -178,7 +240,7 @@ impl KeySet {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
-        Self::parse(&text, &path.display().to_string())
+        Self::parse_as(&text, &path.display().to_string(), KeyFileFormat::of(path))
     }
 
     /// Adds plain keys (`--api-key`): unlimited, team "default", named `key-N`.
@@ -281,6 +343,137 @@ tokens_per_minute = 1000
             let e = KeySet::parse(text, "k.toml").unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
             assert!(e.starts_with("key file k.toml"), "{e}");
+        }
+    }
+
+    const TOML_KEYS: &str = r#"
+[[keys]]
+name = "alice"
+team = "platform"
+key = "sk-a"
+requests_per_minute = 60
+tokens_per_minute = 40000
+tokens_per_day = 2000000
+max_concurrent = 2
+admin = true
+
+[[keys]]
+name = "bob"
+sha256 = "1f9dbc3b4e3c1b3f6bd4bd0dd3a0c3f9bd1e1f5b8c16e6a0a7ad2a2f5ecb4d01"
+fallback = "never"
+
+[teams.platform]
+tokens_per_minute = 1000
+
+[teams.empty]
+"#;
+
+    const YAML_KEYS: &str = r#"
+# The same keys as TOML_KEYS.
+keys:
+  - name: alice
+    team: platform
+    key: sk-a
+    requests_per_minute: 60
+    tokens_per_minute: 40000
+    tokens_per_day: 2000000
+    max_concurrent: 2
+    admin: true
+  - name: bob
+    sha256: "1f9dbc3b4e3c1b3f6bd4bd0dd3a0c3f9bd1e1f5b8c16e6a0a7ad2a2f5ecb4d01"
+    fallback: never
+teams:
+  platform:
+    tokens_per_minute: 1000
+  empty: {}
+"#;
+
+    #[test]
+    fn yaml_and_toml_files_with_the_same_keys_parse_to_equal_sets() {
+        let toml = KeySet::parse_as(TOML_KEYS, "k.toml", KeyFileFormat::Toml).unwrap();
+        let yaml = KeySet::parse_as(YAML_KEYS, "k.yaml", KeyFileFormat::Yaml).unwrap();
+        assert_eq!(toml, yaml);
+        assert_eq!(yaml.keys.len(), 2);
+        assert_eq!(yaml.keys[0].limits.tokens_per_day, Some(2_000_000));
+        assert_eq!(yaml.keys[1].fallback, FallbackRule::Never);
+        assert_eq!(yaml.teams["empty"], Limits::default());
+    }
+
+    #[test]
+    fn the_format_follows_the_file_extension() {
+        for (name, want) in [
+            ("keys.yaml", KeyFileFormat::Yaml),
+            ("keys.YML", KeyFileFormat::Yaml),
+            ("keys.toml", KeyFileFormat::Toml),
+            ("keys", KeyFileFormat::Toml),
+            ("keys.yaml.bak", KeyFileFormat::Toml),
+        ] {
+            assert_eq!(KeyFileFormat::of(Path::new(name)), want, "{name}");
+        }
+        let dir = std::env::temp_dir().join(format!("stral-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (toml_path, yaml_path) = (dir.join("keys.toml"), dir.join("keys.yml"));
+        std::fs::write(&toml_path, TOML_KEYS).unwrap();
+        std::fs::write(&yaml_path, YAML_KEYS).unwrap();
+        assert_eq!(
+            KeySet::load(&yaml_path).unwrap(),
+            KeySet::load(&toml_path).unwrap()
+        );
+        // YAML text in a .toml file is read as TOML, and fails as such.
+        std::fs::write(&toml_path, YAML_KEYS).unwrap();
+        assert!(KeySet::load(&toml_path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn broken_yaml_and_toml_name_the_file_and_the_line() {
+        for (format, origin, text, line, want) in [
+            (
+                KeyFileFormat::Yaml,
+                "keys.yaml",
+                "keys:\n  - name: a\n    key: k\n    rpm: 3\n",
+                4,
+                "unknown field `rpm`",
+            ),
+            (
+                KeyFileFormat::Yaml,
+                "keys.yaml",
+                "keys:\n  - name: a\n\tkey: k\n",
+                3,
+                "tab character",
+            ),
+            (
+                KeyFileFormat::Yaml,
+                "keys.yaml",
+                "keys:\n  - name: a\n    key: k\n    max_concurrent: lots\n",
+                4,
+                "max_concurrent",
+            ),
+            (
+                KeyFileFormat::Toml,
+                "keys.toml",
+                "[[keys]]\nname = \"a\"\nkey = \"k\"\nrpm = 3\n",
+                4,
+                "unknown field `rpm`",
+            ),
+            (
+                KeyFileFormat::Toml,
+                "keys.toml",
+                "[[keys]]\nname = \"a\"\nkey = \"k\n",
+                3,
+                "",
+            ),
+        ] {
+            let e = KeySet::parse_as(text, origin, format)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(&format!("key file {origin}: ")), "{e}");
+            assert!(
+                e.contains(&format!("line {line} ")),
+                "want line {line}: {e}"
+            );
+            assert!(e.contains(want), "{e}");
+            assert_eq!(e.lines().count(), 1, "one-line error: {e}");
         }
     }
 

@@ -17,11 +17,12 @@
 //! is retried upstream, so losing the workers is invisible to clients. Every response
 //! carries `x-stral-served-by: local|fallback`.
 //!
-//! Invariants: the key file is swapped atomically on reload (SIGHUP or a changed
-//! modification time); accounts and usage survive a reload by key digest / team name, so
-//! nothing in flight is dropped or double-counted. Cost per local request: one SHA-256,
-//! one map probe, one `serde_json` pass over the body to peek two fields, two mutex
-//! acquisitions to admit and two per generated token (benches/RESULTS.md).
+//! Invariants: the key file is swapped atomically on reload (SIGHUP, or a changed
+//! modification time seen by the poll every `reload_poll`); accounts and usage survive a
+//! reload by key digest / team name, so nothing in flight is dropped or double-counted.
+//! Cost per local request: one SHA-256, one map probe, one `serde_json` pass over the body
+//! to peek two fields, two mutex acquisitions to admit and two per generated token
+//! (benches/RESULTS.md).
 
 pub mod fallback;
 pub mod keys;
@@ -48,7 +49,7 @@ use serde_json::{json, Value};
 
 use crate::engine::EngineHandle;
 use crate::http::{AppError, AppState, MAX_BODY_BYTES};
-use fallback::{Upstream, UsageScanner};
+use fallback::{Upstream, UpstreamClient, UsageScanner};
 use keys::{FallbackRule, KeyDigest, KeySet, KeySpec};
 use limits::{Account, Permit, RateHeaders, Rejection};
 use routing::{ModelRoute, Target};
@@ -63,17 +64,22 @@ pub enum OpsError {
     Alias(String),
     #[error("--fallback-url {0}")]
     Fallback(String),
+    #[error("--fallback-ca-file {0}")]
+    FallbackCa(String),
 }
 
 /// Settings of the ops layer.
 #[derive(Clone, Debug)]
 pub struct OpsConfig {
-    /// The key file (TOML, see [`keys`]); reloaded on SIGHUP and when it changes.
+    /// The key file (TOML, or YAML for `.yaml`/`.yml`; see [`keys`]); reloaded on SIGHUP
+    /// and when it changes.
     pub key_file: Option<PathBuf>,
     /// Plain keys (`--api-key`, `--api-key-file`): unlimited, team "default".
     pub plain_keys: Vec<String>,
-    /// Base URL of the fallback upstream (`http://host:port[/v1]`).
+    /// Base URL of the fallback upstream (`http[s]://host[:port][/v1]`).
     pub fallback_url: Option<String>,
+    /// PEM CA certificates trusted for `https://` upstreams besides the webpki roots.
+    pub fallback_ca_file: Option<PathBuf>,
     /// Bearer key sent to the fallback upstream.
     pub fallback_api_key: Option<String>,
     /// Spill to the fallback when the expected time to first token exceeds this.
@@ -84,7 +90,8 @@ pub struct OpsConfig {
     pub aliases: Vec<String>,
     /// Add a `key` label (the key's name) to the usage series.
     pub metrics_key_label: bool,
-    /// How often the key file's modification time is checked.
+    /// How often the key file's modification time is checked; `Duration::ZERO`: never
+    /// (reload on SIGHUP only).
     pub reload_poll: Duration,
 }
 
@@ -94,6 +101,7 @@ impl Default for OpsConfig {
             key_file: None,
             plain_keys: Vec::new(),
             fallback_url: None,
+            fallback_ca_file: None,
             fallback_api_key: None,
             fallback_ttft_budget: None,
             max_num_seqs: 256,
@@ -192,10 +200,12 @@ impl SpillReason {
 
 impl Ops {
     pub fn new(config: OpsConfig) -> Result<Arc<Self>, OpsError> {
+        let client = UpstreamClient::new(config.fallback_ca_file.as_deref())?;
+        let key = config.fallback_api_key.as_deref();
         let fallback = config
             .fallback_url
             .as_deref()
-            .map(|u| Upstream::new(u, config.fallback_api_key.as_deref()))
+            .map(|u| Upstream::new(u, key, &client))
             .transpose()?;
         let mut aliases = HashMap::new();
         for spec in &config.aliases {
@@ -205,7 +215,7 @@ impl Ops {
             let mut upstreams = Vec::new();
             for arm in &route.arms {
                 upstreams.push(match &arm.target {
-                    Target::Url(u) => Some(Upstream::new(u, config.fallback_api_key.as_deref())?),
+                    Target::Url(u) => Some(Upstream::new(u, key, &client)?),
                     Target::Fallback if fallback.is_none() => {
                         return Err(OpsError::Alias(format!(
                             "'{spec}': the 'fallback' target needs --fallback-url"
@@ -301,35 +311,54 @@ impl Ops {
         }
     }
 
-    /// Reloads the key file on SIGHUP and whenever its modification time changes.
-    pub async fn watch_key_file(self: Arc<Self>) {
-        let Some(path) = self.config.key_file.clone() else {
-            return;
-        };
-        let stamp = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        let mut last: Option<SystemTime> = stamp(&path);
+    /// Reloads the key file on SIGHUP and whenever its modification time changes (checked
+    /// every `reload_poll`; never when that is zero). The SIGHUP handler is installed
+    /// when this is called, before the returned future first runs, so a SIGHUP sent once
+    /// the server is up cannot hit the default action (exit). Call within a tokio runtime.
+    pub fn watch_key_file(self: Arc<Self>) -> impl std::future::Future<Output = ()> + Send {
         #[cfg(unix)]
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        loop {
-            #[cfg(unix)]
-            let signal = async {
-                match hup.as_mut() {
-                    Some(s) => {
-                        s.recv().await;
+        let mut hup = self.config.key_file.as_ref().and_then(|_| {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "no SIGHUP handler: the key file reloads on change only")
+                })
+                .ok()
+        });
+        async move {
+            let Some(path) = self.config.key_file.clone() else {
+                return;
+            };
+            let stamp = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            let mut last: Option<SystemTime> = stamp(&path);
+            let poll = self.config.reload_poll;
+            loop {
+                #[cfg(unix)]
+                let signal = async {
+                    match hup.as_mut() {
+                        Some(s) => {
+                            s.recv().await;
+                        }
+                        None => std::future::pending::<()>().await,
                     }
-                    None => std::future::pending::<()>().await,
+                };
+                #[cfg(not(unix))]
+                let signal = std::future::pending::<()>();
+                let tick = async {
+                    if poll.is_zero() {
+                        std::future::pending::<()>().await
+                    } else {
+                        tokio::time::sleep(poll).await
+                    }
+                };
+                let forced = tokio::select! {
+                    _ = signal => true,
+                    _ = tick => false,
+                };
+                let now = stamp(&path);
+                if forced || now != last {
+                    last = now;
+                    let _ = self.reload();
                 }
-            };
-            #[cfg(not(unix))]
-            let signal = std::future::pending::<()>();
-            let forced = tokio::select! {
-                _ = signal => true,
-                _ = tokio::time::sleep(self.config.reload_poll) => false,
-            };
-            let now = stamp(&path);
-            if forced || now != last {
-                last = now;
-                let _ = self.reload();
             }
         }
     }

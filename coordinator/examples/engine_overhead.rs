@@ -39,7 +39,12 @@ async fn main() {
     let model = worker::embedded::ensure_embedded_model().expect("embedded model");
     println!("| running sequences | TP | steps | mean step (µs) | engine (µs) | workers (µs) | transport (µs) | tokens/s |");
     println!("|---|---|---|---|---|---|---|---|");
-    for n in [1usize, 64, 256] {
+    let counts: Vec<usize> = std::env::var("SEQS").map_or(vec![1, 64, 256], |v| {
+        v.split(',')
+            .map(|n| n.parse().expect("SEQS: comma-separated counts"))
+            .collect()
+    });
+    for n in counts {
         let workers = LocalWorkers::start(LocalWorkersConfig {
             exe: exe.clone(),
             tp,

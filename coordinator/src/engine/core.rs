@@ -42,7 +42,8 @@ impl Default for EngineConfig {
 /// Starts the engine loop on a thread of its own, with a single-threaded tokio
 /// runtime that also drives the executor's connections: a step's submit, the
 /// workers' answers and the next schedule then never wait for another thread.
-/// Token events still reach readers on the caller's runtime through channels.
+/// Events reach readers through an [`Outbox`]: one batch per step handed to a relay
+/// task on the caller's runtime, which sends each event to its request's channel.
 ///
 /// The returned task (on the caller's runtime) ends when the loop ends; aborting
 /// it stops the loop at its next await, as does dropping every [`EngineHandle`].
@@ -55,6 +56,17 @@ pub fn run_engine<E: Executor>(
     let phases = Arc::new(StepPhases::default());
     let handle = EngineHandle::new(tx, step_time.clone(), phases.clone());
     let shared = handle.shared().clone();
+    // Readers' wake-ups happen on the caller's runtime (cheap, local), not one
+    // cross-thread wake-up per event from the engine thread.
+    let (outbox_tx, mut outbox_rx) = mpsc::unbounded_channel::<Vec<Outgoing>>();
+    tokio::spawn(async move {
+        while let Some(batch) = outbox_rx.recv().await {
+            for (to, ev) in batch {
+                // A reader gone now is noticed (and its request stopped) next update.
+                let _ = to.send(ev);
+            }
+        }
+    });
     // The loop must not keep the command channel alive: it ends when every handle is gone.
     let mut engine = Engine {
         exec: executor,
@@ -66,6 +78,10 @@ pub fn run_engine<E: Executor>(
         requests: HashMap::new(),
         pending: Vec::new(),
         finished: Vec::new(),
+        outbox: Outbox {
+            batch: Vec::new(),
+            relay: outbox_tx,
+        },
         steps: 0,
     };
     let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
@@ -96,6 +112,32 @@ pub fn run_engine<E: Executor>(
     (handle, task)
 }
 
+/// An event and the channel of the request it is for.
+type Outgoing = (mpsc::UnboundedSender<EngineEvent>, EngineEvent);
+
+/// Every event to a reader leaves the engine through here, in order: queued with
+/// [`push`](Outbox::push), handed over as one batch by [`flush`](Outbox::flush). One
+/// relay task sends the batches on, so a request's events keep their order.
+struct Outbox {
+    batch: Vec<Outgoing>,
+    relay: mpsc::UnboundedSender<Vec<Outgoing>>,
+}
+
+impl Outbox {
+    fn push(&mut self, to: &mpsc::UnboundedSender<EngineEvent>, ev: EngineEvent) {
+        self.batch.push((to.clone(), ev));
+    }
+
+    fn flush(&mut self) {
+        if !self.batch.is_empty() {
+            let capacity = self.batch.len();
+            let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(capacity));
+            // Fails only when the caller's runtime is gone, and its readers with it.
+            let _ = self.relay.send(batch);
+        }
+    }
+}
+
 /// A request the engine is serving.
 struct Live {
     events: mpsc::UnboundedSender<EngineEvent>,
@@ -115,6 +157,7 @@ struct Engine<E: Executor> {
     requests: HashMap<RequestId, Live>,
     /// Token events of the last step, not yet sent (see [`Engine::deliver`]).
     pending: Vec<(RequestId, EngineEvent)>,
+    outbox: Outbox,
     /// Requests the last step finished, not yet told.
     finished: Vec<(RequestId, scheduler::FinishReason)>,
     steps: u64,
@@ -171,11 +214,13 @@ impl<E: Executor> Engine<E> {
                     tracing::error!(error = %e, in_flight = self.requests.len(), "worker group lost; failing in-flight requests");
                     let msg = e.to_string();
                     for (_, live) in self.requests.drain() {
-                        let _ = live
-                            .events
-                            .send(EngineEvent::Failed(EngineError::Unavailable(msg.clone())));
+                        self.outbox.push(
+                            &live.events,
+                            EngineEvent::Failed(EngineError::Unavailable(msg.clone())),
+                        );
                     }
                     self.publish_stats(&sched);
+                    self.outbox.flush();
                 }
             }
         }
@@ -239,6 +284,9 @@ impl<E: Executor> Engine<E> {
             }
             let submitted = self.exec.submit(work).await;
             let critical = started.elapsed();
+            // The plan is only queued for the connection tasks of this runtime: let them
+            // write it to the workers before the deliveries below.
+            tokio::task::yield_now().await;
             // While the workers run this step: the previous step's deliveries.
             self.deliver(sched);
             let out = match submitted {
@@ -253,11 +301,13 @@ impl<E: Executor> Engine<E> {
                     for s in &plan.seqs {
                         sched.abort(s.seq_id);
                         if let Some(live) = self.requests.remove(&s.seq_id) {
-                            let _ = live
-                                .events
-                                .send(EngineEvent::Failed(EngineError::Invalid(e.to_string())));
+                            self.outbox.push(
+                                &live.events,
+                                EngineEvent::Failed(EngineError::Invalid(e.to_string())),
+                            );
                         }
                     }
+                    self.outbox.flush();
                     continue;
                 }
                 Err(e) => return Stop::WorkersLost(e),
@@ -392,14 +442,13 @@ impl<E: Executor> Engine<E> {
         }
     }
 
-    /// Sends the queued token events, publishes the stats, then sends the final events
-    /// (stats first, so that a client that reads the metrics after its response sees
-    /// its blocks already free).
+    /// Hands the queued token events and the final events to the outbox in one batch,
+    /// after publishing the stats (so that a client that reads the metrics after its
+    /// response sees its blocks already free).
     fn deliver(&mut self, sched: &Scheduler) {
         for (id, ev) in self.pending.drain(..) {
             if let Some(live) = self.requests.get(&id) {
-                // A reader gone now is noticed (and its request stopped) next update.
-                let _ = live.events.send(ev);
+                self.outbox.push(&live.events, ev);
             }
         }
         self.publish_stats(sched);
@@ -409,14 +458,20 @@ impl<E: Executor> Engine<E> {
                     scheduler::FinishReason::Stopped => FinishReason::Stop,
                     scheduler::FinishReason::Length => FinishReason::Length,
                 };
-                let _ = live.events.send(EngineEvent::Finished {
-                    reason,
-                    prompt_tokens: live.request.prompt.len() as u32,
-                    completion_tokens: live.generated,
-                    cached_tokens: live.cached.unwrap_or(0),
-                });
+                self.outbox.push(
+                    &live.events,
+                    EngineEvent::Finished {
+                        reason,
+                        prompt_tokens: live.request.prompt.len() as u32,
+                        completion_tokens: live.generated,
+                        cached_tokens: live.cached.unwrap_or(0),
+                    },
+                );
             }
         }
+        // Stats before any event leaves: a client that reads the metrics after its
+        // response sees its blocks already free.
+        self.outbox.flush();
     }
 
     fn publish_stats(&self, sched: &Scheduler) {

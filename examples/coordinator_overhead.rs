@@ -66,8 +66,10 @@ fn main() {
                 "2",
                 "--port",
                 &port.to_string(),
+                // The null backend allocates no KV memory; this many blocks keeps
+                // every stream resident through the window (no preemption).
                 "--kv-cache-mib",
-                "16384",
+                "65536",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -24,14 +24,15 @@ pub struct HostOverhead {
 }
 
 impl Default for HostOverhead {
-    /// A line through the null-backend measurements in `benches/RESULTS.md`
-    /// ("Coordinator overhead per engine step": 162 µs at 1 sequence, 3855 µs at 256,
-    /// TP 2, on the 2-core dev VM with its clients on the same cores) — pessimistic for
-    /// a real server.
+    /// A line through the full-stack null-backend measurements in `benches/RESULTS.md`
+    /// ("Coordinator overhead per engine step", after the engine thread and outbox: 120 µs
+    /// at 1 sequence, 488 µs at 256, TP 2, on the 2-core dev VM with its 256 SSE clients on
+    /// the same cores) — still pessimistic for a real server, whose HTTP fan-out does not
+    /// share two cores with the workers.
     fn default() -> Self {
         Self {
-            per_step_us: 148.0,
-            per_seq_us: 14.5,
+            per_step_us: 119.0,
+            per_seq_us: 1.45,
         }
     }
 }

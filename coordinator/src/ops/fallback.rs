@@ -17,11 +17,16 @@
 //! connection pool and one TLS configuration — is shared by every upstream. Cost: one
 //! pooled keep-alive HTTP/1.1 connection per concurrent request (a TLS handshake only
 //! when a new connection is opened); per frame, one scan of its bytes for a `usage`
-//! object.
+//! object. A new connection gets [`CONNECT_LIMIT`] for the TCP connect and the TLS
+//! handshake together, so an upstream that accepts and then stalls fails the request
+//! with a 502 instead of holding it.
 
 use std::error::Error as StdError;
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -45,7 +50,7 @@ use crate::http::AppError;
 /// trusted roots. Cheap to clone.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<Timed<HttpsConnector<HttpConnector>>, Full<Bytes>>,
     /// How many CA certificates `--fallback-ca-file` added (TLS errors hint by it).
     extra_roots: usize,
 }
@@ -63,6 +68,10 @@ impl UpstreamClient {
     /// file `ca_file`. Fails, naming the file, when it cannot be read or holds no
     /// usable CA certificate.
     pub fn new(ca_file: Option<&Path>) -> Result<Self, OpsError> {
+        Self::build(ca_file, CONNECT_LIMIT)
+    }
+
+    fn build(ca_file: Option<&Path>, connect_limit: Duration) -> Result<Self, OpsError> {
         let mut roots = RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
@@ -90,17 +99,60 @@ impl UpstreamClient {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(5)));
-        let connector = HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let connector = Timed {
+            inner: HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(http),
+            limit: connect_limit,
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
         Ok(Self {
             client,
             extra_roots,
+        })
+    }
+}
+
+/// How long a new upstream connection may take: TCP connect and TLS handshake.
+pub const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// A connector with one deadline over everything it does to open a connection.
+#[derive(Clone)]
+struct Timed<C> {
+    inner: C,
+    limit: Duration,
+}
+
+impl<C> tower_service::Service<Uri> for Timed<C>
+where
+    C: tower_service::Service<Uri>,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let (connect, limit) = (self.inner.call(uri), self.limit);
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connect).await {
+                Ok(done) => done.map_err(Into::into),
+                Err(_) => Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection within {limit:?} (TCP connect and TLS handshake)"),
+                )) as BoxError),
+            }
         })
     }
 }
@@ -375,6 +427,45 @@ mod tests {
             let e = Upstream::new(bad, None, &client()).unwrap_err().to_string();
             assert!(e.starts_with("--fallback-url"), "{bad}: {e}");
         }
+    }
+
+    /// An upstream that accepts the TCP connection and never answers the TLS hello.
+    #[tokio::test]
+    async fn a_stalled_tls_handshake_is_a_prompt_502() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                open.push(sock);
+            }
+        });
+        let limit = Duration::from_millis(300);
+        let client = UpstreamClient::build(None, limit).unwrap();
+        let up = Upstream::new(&format!("https://127.0.0.1:{port}/v1"), None, &client).unwrap();
+        let t = std::time::Instant::now();
+        let err = up
+            .forward(
+                "/v1/fim/completions",
+                Bytes::from_static(b"{}"),
+                None,
+                |_| {},
+            )
+            .await
+            .unwrap_err();
+        let waited = t.elapsed();
+        assert!(
+            waited >= limit && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        match err {
+            AppError::BadGateway(m) => {
+                assert!(m.contains("no connection within 300ms"), "{m}");
+                assert!(m.contains(&format!("https://127.0.0.1:{port}/v1")), "{m}");
+            }
+            other => panic!("expected a 502, got {other:?}"),
+        }
+        held.abort();
     }
 
     #[test]

@@ -462,6 +462,12 @@ impl CudaModel {
         coll: &mut DeviceCollective,
     ) -> Result<Option<Vec<f32>>, WorkerError> {
         self.validate(step)?;
+        // `stral worker` runs steps on its runtime thread, not the thread that loaded
+        // the model; raw cuBLASLt and NCCL calls need the context current here.
+        self.kernels
+            .context()
+            .bind_to_thread()
+            .map_err(driver_err("binding the CUDA context to the step thread"))?;
         self.run(step, coll, None)
     }
 

@@ -33,17 +33,17 @@ impl Default for ShardSpec {
     }
 }
 
-/// Per-rank sizes derived from the config and the shard.
+/// Per-rank sizes derived from the config and the shard (CPU and CUDA models).
 #[derive(Clone, Copy, Debug)]
-struct Local {
-    heads: usize,
-    kv_heads: usize,
-    ffn: usize,
-    vocab: usize,
+pub(crate) struct Local {
+    pub(crate) heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) ffn: usize,
+    pub(crate) vocab: usize,
 }
 
 impl Local {
-    fn new(cfg: &ModelConfig, shard: ShardSpec) -> Self {
+    pub(crate) fn new(cfg: &ModelConfig, shard: ShardSpec) -> Self {
         Self {
             heads: cfg.n_heads / shard.tp,
             kv_heads: cfg.n_kv_heads / shard.tp,

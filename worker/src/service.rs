@@ -272,6 +272,31 @@ impl Worker for WorkerService {
     }
 }
 
+/// What every backend's `Init` answers: its KV capacity and the model's facts.
+pub(crate) fn init_reply(
+    cfg: &ModelConfig,
+    rank: usize,
+    tp: usize,
+    num_kv_blocks: u32,
+    block_size: usize,
+    kv_bytes_per_block: u64,
+) -> InitReply {
+    InitReply {
+        num_kv_blocks,
+        block_size: block_size as u32,
+        kv_bytes_per_block,
+        model: Some(ModelFacts {
+            vocab_size: cfg.vocab_size as u32,
+            n_layers: cfg.n_layers as u32,
+            max_position_embeddings: cfg.max_position_embeddings as u32,
+            sliding_window: cfg.sliding_window,
+            eos_token_id: EOS_TOKEN_ID,
+        }),
+        rank: rank as u32,
+        tp_world_size: tp as u32,
+    }
+}
+
 fn to_status(e: WorkerError) -> Status {
     let msg = e.to_string();
     match e {
@@ -471,20 +496,7 @@ impl Inner {
             }
             _ => Box::new(SoloCollective),
         };
-        let reply = InitReply {
-            num_kv_blocks: blocks as u32,
-            block_size: bs as u32,
-            kv_bytes_per_block: per_block,
-            model: Some(ModelFacts {
-                vocab_size: cfg.vocab_size as u32,
-                n_layers: cfg.n_layers as u32,
-                max_position_embeddings: cfg.max_position_embeddings as u32,
-                sliding_window: cfg.sliding_window,
-                eos_token_id: EOS_TOKEN_ID,
-            }),
-            rank: rank as u32,
-            tp_world_size: tp as u32,
-        };
+        let reply = init_reply(&cfg, rank, tp, blocks as u32, bs, per_block);
         let engine = Engine {
             cfg,
             compute: Compute::Cpu {
@@ -641,20 +653,14 @@ fn load_sim(req: &InitRequest, dev: SimDevice) -> Result<(Engine, InitReply), Wo
         decode_step_us_batch1 = model.decode_step(1, 512).total_us,
         "sim worker: no weights loaded; step times are modelled, not measured"
     );
-    let reply = InitReply {
-        num_kv_blocks: blocks as u32,
-        block_size: bs as u32,
-        kv_bytes_per_block: model.kv_bytes_per_block(bs),
-        model: Some(ModelFacts {
-            vocab_size: cfg.vocab_size as u32,
-            n_layers: cfg.n_layers as u32,
-            max_position_embeddings: cfg.max_position_embeddings as u32,
-            sliding_window: cfg.sliding_window,
-            eos_token_id: EOS_TOKEN_ID,
-        }),
-        rank: rank as u32,
-        tp_world_size: tp as u32,
-    };
+    let reply = init_reply(
+        &cfg,
+        rank,
+        tp,
+        blocks as u32,
+        bs,
+        model.kv_bytes_per_block(bs),
+    );
     let engine = Engine {
         cfg,
         compute: Compute::Sim { model, device },

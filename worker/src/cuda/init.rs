@@ -14,14 +14,13 @@ use std::time::{Duration, Instant};
 
 use kernels::cuda::CudaKernels;
 use proto::v1::collective_bootstrap::Kind;
-use proto::v1::{InitReply, InitRequest, ModelFacts};
+use proto::v1::{InitReply, InitRequest};
 
 use super::{kernel_err, kv_bytes_per_block, synthetic_config, CudaDevice, DeviceCollective};
 use super::{CudaModel, CudaModelConfig, WeightSource};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::model::ShardSpec;
-use crate::sampler::EOS_TOKEN_ID;
 use crate::tcp_collective::{TcpCollective, TcpGroup};
 use crate::WorkerError;
 
@@ -119,20 +118,14 @@ pub fn load(
         kv_tokens = model.kv_tokens(),
         "CUDA rank ready"
     );
-    let reply = InitReply {
-        num_kv_blocks: model.num_blocks() as u32,
-        block_size: bs as u32,
-        kv_bytes_per_block: kv_bytes_per_block(&cfg, tp, bs),
-        model: Some(ModelFacts {
-            vocab_size: cfg.vocab_size as u32,
-            n_layers: cfg.n_layers as u32,
-            max_position_embeddings: cfg.max_position_embeddings as u32,
-            sliding_window: cfg.sliding_window,
-            eos_token_id: EOS_TOKEN_ID,
-        }),
-        rank: rank as u32,
-        tp_world_size: tp as u32,
-    };
+    let reply = crate::service::init_reply(
+        &cfg,
+        rank,
+        tp,
+        model.num_blocks() as u32,
+        bs,
+        kv_bytes_per_block(&cfg, tp, bs),
+    );
     Ok(CudaInit {
         cfg,
         model: Box::new(model),

@@ -33,7 +33,7 @@ use super::gemm::Gemm;
 use super::{driver_err, kernel_err, kv_blocks_for, kv_bytes_per_block, MemoryProfile};
 use crate::checkpoint::{Checkpoint, Param};
 use crate::config::ModelConfig;
-use crate::model::{validate_step, LayerWeights, SeqChunk, ShardSpec, StepInput};
+use crate::model::{validate_step, LayerWeights, Local, SeqChunk, ShardSpec, StepInput};
 use crate::WorkerError;
 
 /// How a [`CudaModel`] is sized.
@@ -59,26 +59,6 @@ impl Default for CudaModelConfig {
             block_size: 16,
             memory_utilization: super::DEFAULT_MEMORY_UTILIZATION,
             max_kv_blocks: None,
-        }
-    }
-}
-
-/// Per-rank sizes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Local {
-    heads: usize,
-    kv_heads: usize,
-    ffn: usize,
-    vocab: usize,
-}
-
-impl Local {
-    fn new(cfg: &ModelConfig, shard: ShardSpec) -> Self {
-        Self {
-            heads: cfg.n_heads / shard.tp,
-            kv_heads: cfg.n_kv_heads / shard.tp,
-            ffn: cfg.hidden_dim / shard.tp,
-            vocab: cfg.vocab_size / shard.tp,
         }
     }
 }

@@ -19,9 +19,8 @@
 //! (optionally pass the path of the `stral` binary). Prints Markdown tables.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +30,9 @@ use coordinator::engine::{run_engine, EngineConfig, EngineEvent, GenerateRequest
 use coordinator::launch::{LocalWorkers, LocalWorkersConfig};
 use coordinator::prompt::encode_fim;
 use coordinator::tokenizer::{Tokenizer, EOS};
+
+mod common;
+use common::{get, metric, start_null_server, wait_running};
 
 const TP: usize = 1;
 const LATENCY_REQUESTS: usize = 5000;
@@ -131,55 +133,6 @@ impl DirectEngine {
     }
 }
 
-fn start_server(exe: &Path, model: &Path) -> (Child, u16) {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(exe)
-        .args(["serve", "--worker-backend", "null", "--tp", &TP.to_string()])
-        .args([
-            "--port",
-            &port.to_string(),
-            // The null backend allocates no KV memory; 64 GiB worth of blocks keeps
-            // all 256 streams of 30,000 tokens resident (no preemption in the window).
-            "--kv-cache-mib",
-            "65536",
-            "--model",
-        ])
-        .arg(model)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start stral serve");
-    let t = Instant::now();
-    while get(port, "/ready").is_none() {
-        assert!(t.elapsed() < Duration::from_secs(120), "server not ready");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    (child, port)
-}
-
-fn get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.starts_with("HTTP/1.1 200").then_some(out)
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// (b): one keep-alive connection, non-streaming requests.
 struct HttpClient {
     request: String,
@@ -240,35 +193,12 @@ fn stream_throughput(port: u16) -> (f64, f64, u64) {
     for i in 0..STREAMS {
         let received = received.clone();
         std::thread::spawn(move || {
-            let body = format!(
-                r#"{{"model":"codestral-latest","prompt":"def f{i}(x):","suffix":"","max_tokens":30000,"min_tokens":30000,"temperature":0,"stream":true}}"#
-            );
-            let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-                return;
-            };
-            let _ = write!(s, "POST /v1/fim/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-            let mut r = BufReader::new(s);
-            let mut line = String::new();
-            while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
-                if line.starts_with("data: ") {
-                    received.fetch_add(1, Ordering::Relaxed);
-                }
-                line.clear();
-            }
+            common::stream_fim(port, i, || {
+                received.fetch_add(1, Ordering::Relaxed);
+            })
         });
     }
-    let t = Instant::now();
-    while metric(
-        &get(port, "/metrics").unwrap_or_default(),
-        "stral_requests_running",
-    ) < STREAMS as f64
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "streams never all ran"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_running(port, STREAMS);
     std::thread::sleep(Duration::from_millis(500));
     let (a, ga) = (
         received.load(Ordering::Relaxed),
@@ -303,7 +233,7 @@ fn main() {
     );
     let model = worker::embedded::ensure_embedded_model().expect("embedded model");
     let direct = DirectEngine::start(&exe, &model);
-    let (mut server, port) = start_server(&exe, &model);
+    let (mut server, port) = start_null_server(&exe, TP, Some(&model));
     let mut http = HttpClient::connect(port);
     let (mut a, mut b, mut diff) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..WARMUP + LATENCY_REQUESTS {

@@ -2,8 +2,9 @@
 //! between steps; `schedule → execute → update`; fans tokens out to requests.
 //!
 //! Costs per step, beyond the executor: one scheduler round (O(running) plus O(1) per
-//! block), one channel send per sampled token, and a stats snapshot under a mutex. The
-//! sends and the snapshot overlap the workers' compute of the next step (see
+//! block), one outbox entry per sampled token and one channel send per step (the
+//! relay task does the per-request sends), and a stats snapshot under a mutex. These
+//! overlap the workers' compute of the next step (see
 //! [`Engine::serve`]); the workers wait only for `update → schedule → submit`.
 
 use std::collections::HashMap;

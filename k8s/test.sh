@@ -13,28 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=target/pyenv-k8s
-REQUIREMENTS=k8s/tests/requirements.txt
-STAMP="$VENV/.stral-k8s-$(sha256sum "$REQUIREMENTS" | cut -c1-16)"
-
-install_tools() {
-  if [ ! -f "$STAMP" ]; then
-    rm -rf "$VENV"
-    python3 -m venv "$VENV" >&2
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
-      -r "$REQUIREMENTS" >&2
-    "$VENV/bin/python" -m pip check --disable-pip-version-check >&2
-    touch "$STAMP"
-  fi
-}
-
-mkdir -p target
-if command -v flock >/dev/null; then
-  exec 9>target/.pyenv-k8s.lock
-  flock 9
-fi
-install_tools
-if command -v flock >/dev/null; then
-  flock -u 9
-fi
+source scripts/pinned-venv.sh
+ensure_pinned_venv "$VENV" k8s/tests/requirements.txt k8s
 
 PYTHONDONTWRITEBYTECODE=1 exec "$VENV/bin/python" k8s/tests/check.py "$@"

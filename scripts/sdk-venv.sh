@@ -10,29 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=target/pyenv-sdk
-REQUIREMENTS=tests/clients/requirements.txt
-STAMP="$VENV/.stral-sdk-$(sha256sum "$REQUIREMENTS" | cut -c1-16)"
-
-install_clients() {
-  if [ ! -f "$STAMP" ]; then
-    echo "sdk-venv: installing $REQUIREMENTS into $VENV" >&2
-    rm -rf "$VENV"
-    python3 -m venv "$VENV" >&2
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
-      -r "$REQUIREMENTS" >&2
-    "$VENV/bin/python" -m pip check --disable-pip-version-check >&2
-    touch "$STAMP"
-  fi
-}
-
-mkdir -p target
-if command -v flock >/dev/null; then
-  exec 9>target/.pyenv-sdk.lock
-  flock 9
-fi
-install_clients
-if command -v flock >/dev/null; then
-  flock -u 9
-fi
+source scripts/pinned-venv.sh
+ensure_pinned_venv "$VENV" tests/clients/requirements.txt sdk
 
 echo "$(pwd)/$VENV"

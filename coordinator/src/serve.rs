@@ -125,6 +125,8 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
         nccl_unique_id: config.nccl_unique_id,
         block_size: config.engine.scheduler.block_size as u32,
         kv_cache_bytes: config.kv_cache_bytes,
+        max_num_batched_tokens: config.engine.scheduler.max_num_batched_tokens as u32,
+        max_num_seqs: config.engine.scheduler.max_num_seqs as u32,
         step_timeout: config.step_timeout,
         ..Default::default()
     });

@@ -131,6 +131,7 @@ fn init_request(model: &Path, tp: u32, rank: u32, peers: &[String], group_id: u6
         // Not a whole number of blocks: the remainder is unused.
         kv_cache_bytes: u64::from(NUM_BLOCKS) * per_block + per_block - 1,
         max_kv_blocks: None,
+        ..Default::default()
     }
 }
 

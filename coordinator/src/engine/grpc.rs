@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use proto::v1 as pb;
 use proto::v1::worker_client::WorkerClient;
+use scheduler::SchedulerConfig;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -40,6 +41,9 @@ pub struct GrpcGroupConfig {
     /// KV budget per rank in bytes.
     pub kv_cache_bytes: u64,
     pub max_kv_blocks: Option<u32>,
+    /// The scheduler's step limits, sent in `Init` so workers size for them.
+    pub max_num_batched_tokens: u32,
+    pub max_num_seqs: u32,
     /// How long to keep trying to reach and initialize the workers.
     pub init_timeout: Duration,
     /// A rank that does not answer a step within this is considered lost.
@@ -58,6 +62,8 @@ impl Default for GrpcGroupConfig {
             block_size: 16,
             kv_cache_bytes: 1 << 30,
             max_kv_blocks: None,
+            max_num_batched_tokens: SchedulerConfig::default().max_num_batched_tokens as u32,
+            max_num_seqs: SchedulerConfig::default().max_num_seqs as u32,
             init_timeout: Duration::from_secs(120),
             step_timeout: Duration::from_secs(60),
         }
@@ -179,6 +185,8 @@ impl Executor for GrpcExecutor {
                 block_size: cfg.block_size,
                 kv_cache_bytes: cfg.kv_cache_bytes,
                 max_kv_blocks: cfg.max_kv_blocks,
+                max_num_batched_tokens: cfg.max_num_batched_tokens,
+                max_num_seqs: cfg.max_num_seqs,
             };
             async move {
                 let mut req = tonic::Request::new(request);

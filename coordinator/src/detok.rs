@@ -24,7 +24,7 @@
 //! plus one piece); at most 3 bytes wait for a character. Callers should bound the number
 //! and length of stop strings (OpenAI allows 4).
 
-use crate::tokenizer::{PieceDecoder, Tokenizer};
+use crate::tokenizer::{Piece, PieceDecoder, Tokenizer};
 
 /// How a sequence's text is produced.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -44,6 +44,19 @@ pub struct TextDelta {
     pub text: String,
     /// Index in [`DetokenizerConfig::stop`] of the stop string that just ended the stream.
     pub stop: Option<usize>,
+}
+
+/// One token's share of the generated text, for logprobs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenText {
+    /// The text this token adds (before stop-string hold-back). The first piece's space
+    /// follows [`DetokenizerConfig::strip_leading_space`]; a byte-fallback character is
+    /// carried whole by the token that completes it, the tokens before it add `""`, so the
+    /// texts of a sequence's tokens concatenate to its text.
+    pub text: String,
+    /// The token's own bytes: a byte-fallback token's single byte, otherwise `text`'s
+    /// UTF-8. Concatenated over a sequence they are the text's bytes.
+    pub bytes: Vec<u8>,
 }
 
 /// One sequence's incremental detokenizer.
@@ -84,6 +97,19 @@ impl Detokenizer {
         }
         self.decoder.finish(&mut self.held);
         self.release(true)
+    }
+
+    /// What `id` would add if it were pushed next; the state is unchanged. Used for the
+    /// chosen token (called before [`Self::push`]) and for its alternatives alike.
+    pub fn token_text(&self, id: u32) -> TokenText {
+        let piece = self.tokenizer.piece(id);
+        let mut text = String::new();
+        self.decoder.clone().push(piece, &mut text);
+        let bytes = match piece {
+            Piece::Byte(b) => vec![*b],
+            _ => text.as_bytes().to_vec(),
+        };
+        TokenText { text, bytes }
     }
 
     /// The index of the stop string that ended the stream, if one did.
@@ -202,6 +228,49 @@ mod tests {
             assert_eq!(deltas.concat(), tok().decode(&ids), "{text:?}");
             assert_eq!(stop, None);
         }
+    }
+
+    /// Texts and bytes of each token, taken before it is pushed, as the HTTP logprobs do.
+    fn token_texts(d: &mut Detokenizer, ids: &[u32]) -> (String, Vec<u8>) {
+        let (mut text, mut bytes) = (String::new(), Vec::new());
+        for &id in ids {
+            let t = d.token_text(id);
+            text.push_str(&t.text);
+            bytes.extend_from_slice(&t.bytes);
+            d.push(id);
+        }
+        (text, bytes)
+    }
+
+    #[test]
+    fn token_texts_concatenate_to_the_text_in_both_space_modes() {
+        for text in TEXTS {
+            let ids = tok().encode(text).unwrap();
+            for strip in [true, false] {
+                let (deltas, _) = stream(&mut detok(&[], strip), &ids);
+                let (texts, bytes) = token_texts(&mut detok(&[], strip), &ids);
+                assert_eq!(texts, deltas.concat(), "{text:?} strip={strip}");
+                assert_eq!(bytes, deltas.concat().into_bytes(), "{text:?} strip={strip}");
+            }
+        }
+        // A continuation keeps the space a single-id decode would strip.
+        let ids = tok().encode("return a").unwrap();
+        assert_eq!(detok(&[], false).token_text(ids[0]).text, " return");
+        assert_eq!(tok().decode(&ids[..1]), "return");
+    }
+
+    #[test]
+    fn a_byte_fallback_character_is_carried_by_the_token_that_completes_it() {
+        let mut d = detok(&[], true);
+        let mut got = Vec::new();
+        for b in [0xF0, 0x9F, 0xA6, 0xAB] {
+            let t = d.token_text(byte(b));
+            assert_eq!(t.bytes, vec![b]);
+            got.push(t.text);
+            d.push(byte(b));
+        }
+        assert_eq!(got, ["", "", "", "🦫"]);
+        assert_eq!(d.token_text(byte(0x41)), d.token_text(byte(0x41)), "no state change");
     }
 
     #[test]

@@ -131,7 +131,7 @@ pub(crate) enum Piece {
 ///
 /// Byte pieces wait in `bytes` until they form a complete UTF-8 character, or turn out
 /// not to (then one U+FFFD per invalid byte); at most 3 bytes ever wait.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct PieceDecoder {
     bytes: Vec<u8>,
     strip_next_space: bool,

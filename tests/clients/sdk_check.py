@@ -227,6 +227,29 @@ def openai_checks(base_url, key):
     check(cached[1] > 0, f"second identical prompt reported cached_tokens {cached}")
     print(f"ok openai cached_tokens: first={cached[0]} second={cached[1]}")
 
+    # Logprobs, parsed by the SDK's own types: greedy, so each token is its top alternative,
+    # and the tokens (and their bytes) concatenate to the text.
+    r = client.chat.completions.create(**chat, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    text = r.choices[0].message.content
+    check(len(content) == r.usage.completion_tokens, f"openai chat logprobs: {len(content)} entries")
+    check("".join(c.token for c in content) == text, "openai chat logprobs: tokens != text")
+    check(bytes(b for c in content for b in c.bytes) == text.encode(), "openai chat logprobs: bytes")
+    for c in content:
+        check(len(c.top_logprobs) == 3, f"openai chat logprobs: {len(c.top_logprobs)} alternatives")
+        best = max(c.top_logprobs, key=lambda t: t.logprob)
+        check(c.logprob == best.logprob and c.token == best.token, f"greedy token {c} is not its best alternative")
+        check(c.logprob <= 0, f"logprob {c.logprob} > 0")
+    print(f"ok openai chat logprobs: {len(content)} tokens")
+    r = client.completions.create(**legacy, logprobs=2)
+    lp, text = r.choices[0].logprobs, r.choices[0].text
+    check("".join(lp.tokens) == text, f"openai completions logprobs: {lp.tokens} != {text!r}")
+    for tok, off in zip(lp.tokens, lp.text_offset):
+        check(text[off:off + len(tok)] == tok, f"text_offset {off} does not index {tok!r}")
+    for l, top in zip(lp.token_logprobs, lp.top_logprobs):
+        check(l == max(top.values()), f"greedy logprob {l} is not the best of {top}")
+    print(f"ok openai completions logprobs: {len(lp.tokens)} tokens")
+
     try:
         client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
         raise AssertionError("openai: an unknown model was accepted")

@@ -11,6 +11,7 @@
 
 pub mod error;
 pub mod schema;
+mod logprobs;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,11 +33,12 @@ use schema::{ChatRequest, CompletionRequest, FimRequest, Generation, PromptField
 
 use crate::detok::{Detokenizer, DetokenizerConfig};
 use crate::engine::{
-    EngineEvent, EngineHandle, FinishReason, GenerateRequest, Priority, RequestStream, TokenEvent,
+    EngineEvent, EngineHandle, FinishReason, GenerateRequest, Priority, RequestStream,
 };
 use crate::metrics::Metrics;
 use crate::prompt::{encode_chat, encode_fim};
 use crate::tokenizer::{Tokenizer, EOS};
+use logprobs::LoggedToken;
 
 /// Largest request body accepted (413 above it).
 pub const MAX_BODY_BYTES: usize = 4 << 20;
@@ -462,6 +464,7 @@ async fn run(state: &Arc<AppState>, job: Job) -> Result<Response, AppError> {
         cached_tokens: None,
         admission,
         logprobs: job.generation.sampling.logprobs.is_some(),
+        text_offset: 0,
         arrival,
         last_token: None,
         done: false,
@@ -489,6 +492,8 @@ struct Run {
     /// Per-key accounting (`crate::ops`): generated tokens are charged as they stream.
     admission: Option<crate::ops::Admission>,
     logprobs: bool,
+    /// Characters of text the legacy logprobs' `text_offset` has covered so far.
+    text_offset: usize,
     arrival: Instant,
     last_token: Option<Instant>,
     done: bool,
@@ -504,8 +509,11 @@ impl Drop for Run {
 
 /// What one engine event means for the client.
 enum Step {
-    /// New text (possibly empty) for one token.
-    Text { text: String, token: TokenEvent },
+    /// New text (possibly empty) for one token; the token's logprobs when asked for.
+    Text {
+        text: String,
+        token: Option<LoggedToken>,
+    },
     /// The end: the final text piece and why.
     End { text: String, reason: FinishReason },
 }
@@ -539,6 +547,9 @@ impl Run {
                     .metrics
                     .generation_tokens
                     .fetch_add(1, Ordering::Relaxed);
+                let logged = self
+                    .logprobs
+                    .then(|| LoggedToken::new(&self.detok, &token));
                 let delta = self.detok.push(token.id);
                 if delta.stop.is_some() {
                     // A stop string: end here; dropping the stream later aborts the sequence.
@@ -546,7 +557,7 @@ impl Run {
                 } else {
                     Ok(Step::Text {
                         text: delta.text,
-                        token,
+                        token: logged,
                     })
                 }
             }
@@ -593,22 +604,12 @@ impl Run {
         usage
     }
 
-    fn token_text(&self, id: u32) -> String {
-        self.state.tokenizer.decode(&[id])
-    }
-
-    /// OpenAI chat `logprobs.content[]` entry for one token.
-    fn chat_logprob(&self, t: &TokenEvent) -> Value {
-        let text = self.token_text(t.id);
-        let top: Vec<Value> = t
-            .top_logprobs
-            .iter()
-            .map(|(id, lp)| {
-                let s = self.token_text(*id);
-                json!({"token": s, "logprob": lp, "bytes": s.as_bytes()})
-            })
-            .collect();
-        json!({"token": text, "logprob": t.logprob.unwrap_or(0.0), "bytes": text.as_bytes(), "top_logprobs": top})
+    /// The `logprobs` value of a response or chunk holding `tokens`.
+    fn logprobs_json(&mut self, tokens: &[LoggedToken]) -> Value {
+        match self.shape {
+            Shape::Chat => logprobs::chat(tokens),
+            Shape::Text => logprobs::legacy(tokens, &mut self.text_offset),
+        }
     }
 }
 
@@ -621,14 +622,12 @@ fn finish_str(r: FinishReason) -> &'static str {
 
 async fn collect_response(mut run: Run) -> Result<Response, AppError> {
     let mut text = String::new();
-    let mut tokens: Vec<TokenEvent> = Vec::new();
+    let mut tokens: Vec<LoggedToken> = Vec::new();
     let reason = loop {
         match run.step().await? {
             Step::Text { text: t, token } => {
                 text.push_str(&t);
-                if run.logprobs {
-                    tokens.push(token);
-                }
+                tokens.extend(token);
             }
             Step::End { text: t, reason } => {
                 text.push_str(&t);
@@ -637,9 +636,9 @@ async fn collect_response(mut run: Run) -> Result<Response, AppError> {
         }
     };
     let finish = finish_str(reason);
+    let logprobs = run.logprobs.then(|| run.logprobs_json(&tokens));
     let body = match run.shape {
         Shape::Chat => {
-            let logprobs = run.logprobs.then(|| json!({"content": tokens.iter().map(|t| run.chat_logprob(t)).collect::<Vec<_>>()}));
             json!({
                 "id": run.id, "object": "chat.completion", "created": run.created, "model": run.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": null}, "finish_reason": finish, "logprobs": logprobs}],
@@ -647,7 +646,6 @@ async fn collect_response(mut run: Run) -> Result<Response, AppError> {
             })
         }
         Shape::Text => {
-            let logprobs = run.logprobs.then(|| legacy_logprobs(&run, &tokens));
             json!({
                 "id": run.id, "object": "text_completion", "created": run.created, "model": run.model,
                 "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
@@ -656,27 +654,6 @@ async fn collect_response(mut run: Run) -> Result<Response, AppError> {
         }
     };
     Ok(Json(body).into_response())
-}
-
-/// OpenAI legacy `logprobs` object.
-fn legacy_logprobs(run: &Run, tokens: &[TokenEvent]) -> Value {
-    let mut offset = 0;
-    let (mut texts, mut lps, mut tops, mut offsets) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for t in tokens {
-        let s = run.token_text(t.id);
-        offsets.push(offset);
-        offset += s.len();
-        texts.push(s);
-        lps.push(t.logprob);
-        let top: serde_json::Map<String, Value> = t
-            .top_logprobs
-            .iter()
-            .map(|(id, lp)| (run.token_text(*id), json!(lp)))
-            .collect();
-        tops.push(Value::Object(top));
-    }
-    json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
 }
 
 /// SSE state machine: chunks until the end, then the usage/finish chunk, then `[DONE]`.
@@ -694,7 +671,7 @@ fn stream_response(run: Run, include_usage: bool) -> Response {
             };
             let (event, next) = match run.step().await {
                 Ok(Step::Text { text, token }) => {
-                    let lp = run.logprobs.then(|| token);
+                    let lp = token.map(|t| run.logprobs_json(std::slice::from_ref(&t)));
                     (
                         chunk(&run, &text, None, lp, false),
                         SseState::Running(run, include_usage),
@@ -741,7 +718,7 @@ fn chunk(
     run: &Run,
     text: &str,
     reason: Option<FinishReason>,
-    token: Option<TokenEvent>,
+    logprobs: Option<Value>,
     last: bool,
 ) -> Value {
     let finish = reason.map(finish_str);
@@ -753,16 +730,10 @@ fn chunk(
             } else {
                 json!({"content": text})
             };
-            let logprobs = token
-                .as_ref()
-                .map(|t| json!({"content": [run.chat_logprob(t)]}));
             json!({"id": run.id, "object": "chat.completion.chunk", "created": run.created, "model": run.model,
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]})
         }
         Shape::Text => {
-            let logprobs = token
-                .as_ref()
-                .map(|t| legacy_logprobs(run, std::slice::from_ref(t)));
             json!({"id": run.id, "object": "text_completion", "created": run.created, "model": run.model,
                    "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
         }

@@ -68,6 +68,11 @@ struct WorkerArgs {
     /// modelled GPU's).
     #[arg(long, default_value_t = worker::sim::DEFAULT_MEMORY_UTILIZATION)]
     gpu_memory_utilization: f64,
+    /// File holding the shared token that every call from the coordinator must carry
+    /// (the same file as `stral serve --worker-token-file`). Required when --listen is
+    /// not a loopback address; `stral serve` makes one for the workers it starts.
+    #[arg(long, env = "STRAL_WORKER_TOKEN_FILE")]
+    worker_token_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -161,6 +166,12 @@ fn main() -> ExitCode {
 }
 
 fn run_worker(a: WorkerArgs) -> anyhow::Result<()> {
+    let token = a
+        .worker_token_file
+        .as_deref()
+        .map(worker::auth::read_token_file)
+        .transpose()?;
+    worker::auth::check_listen(&a.listen, token.as_deref())?;
     if let Some(dev) = a.device.0 {
         if a.backend.is_some() || a.gpu.is_some() {
             anyhow::bail!(
@@ -179,6 +190,7 @@ fn run_worker(a: WorkerArgs) -> anyhow::Result<()> {
             listen: a.listen,
             threads: a.threads,
             backend: Some(dev.device_string()),
+            token,
             ..Default::default()
         })?;
         return Ok(());
@@ -209,6 +221,7 @@ fn run_worker(a: WorkerArgs) -> anyhow::Result<()> {
         listen: a.listen,
         threads: a.threads,
         backend,
+        token,
         ..Default::default()
     })?;
     Ok(())

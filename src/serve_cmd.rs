@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// TCP collective address per remote rank (default: each worker's host, port + 1).
     #[arg(long, value_delimiter = ',', requires = "workers")]
     collective_peers: Option<Vec<String>>,
+    /// File holding the token the remote workers require (their `stral worker
+    /// --worker-token-file`); sent with every call. Local workers get a fresh token.
+    #[arg(long, env = "STRAL_WORKER_TOKEN_FILE", requires = "workers")]
+    worker_token_file: Option<PathBuf>,
     /// API key clients must send as `Authorization: Bearer KEY` (repeatable). Also read
     /// from STRAL_API_KEYS (comma-separated) and --api-key-file (one per line).
     #[arg(
@@ -130,6 +134,14 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 10)]
     shutdown_grace_s: u64,
+    /// Seconds a request waits for a crashed worker group to come back (its stream
+    /// pauses, then continues where it stopped); past it, it fails with 503. 0 fails
+    /// in-flight requests at once.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    recovery_timeout: f64,
+    /// Worker-group crashes one request may live through; the next fails it with 503.
+    #[arg(long, default_value_t = 2)]
+    max_restarts_per_request: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -311,11 +323,20 @@ impl ServeArgs {
                     max_waiting: self.max_waiting,
                     ..SchedulerConfig::default()
                 },
+                recovery_timeout: Duration::try_from_secs_f64(self.recovery_timeout).map_err(
+                    |_| anyhow::anyhow!("--recovery-timeout must be a number of seconds ≥ 0"),
+                )?,
+                max_restarts_per_request: self.max_restarts_per_request,
                 ..EngineConfig::default()
             },
             kv_cache_bytes: self.kv_cache_mib << 20,
             step_timeout: Duration::from_secs(self.step_timeout_s),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_s),
+            worker_token: self
+                .worker_token_file
+                .as_deref()
+                .map(worker::auth::read_token_file)
+                .transpose()?,
         })
     }
 }

@@ -132,7 +132,8 @@ fn clients_that_disconnect_mid_stream_free_their_blocks() {
 
 #[test]
 fn a_killed_worker_fails_in_flight_requests_fast_and_the_server_recovers() {
-    let server = Server::start(model_dir(), 2, &[]);
+    // Recovery off: today's fail-fast behaviour (tests/recovery.rs covers it on).
+    let server = Server::start(model_dir(), 2, &["--recovery-timeout", "0"]);
     let mut body = fim(3000);
     body["stream"] = json!(true);
     let (_sock, mut reader) = open_stream(server.port, "/v1/fim/completions", &body);

@@ -4,6 +4,9 @@
 //! Invariant: a rank that exits is restarted on the same addresses, so the engine's
 //! re-initialization finds the group where it was; on shutdown every child is killed
 //! and reaped. Cost: one `try_wait` per child every 200 ms.
+//!
+//! The workers get a fresh random token ([`TokenFile`]) even though they listen on
+//! loopback, so another local user cannot drive them.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -29,6 +32,10 @@ pub struct LocalWorkers {
     pub grpc_addrs: Vec<String>,
     /// TCP collective address of each rank.
     pub collective_addrs: Vec<String>,
+    /// The token every worker requires (give it to the executor).
+    pub token: String,
+    /// Kept so the file outlives every worker restart; removed when this is dropped.
+    _token_file: Arc<TokenFile>,
     children: Arc<Mutex<Vec<Child>>>,
     supervisor: JoinHandle<()>,
 }
@@ -40,7 +47,12 @@ fn free_addr() -> std::io::Result<String> {
 }
 
 /// Device `cuda` puts rank K on GPU K; any other device string is passed as is.
-fn spawn_one(cfg: &LocalWorkersConfig, rank: usize, addr: &str) -> std::io::Result<Child> {
+fn spawn_one(
+    cfg: &LocalWorkersConfig,
+    token: &TokenFile,
+    rank: usize,
+    addr: &str,
+) -> std::io::Result<Child> {
     let device = if cfg.device == "cuda" {
         format!("cuda:{rank}")
     } else {
@@ -48,6 +60,8 @@ fn spawn_one(cfg: &LocalWorkersConfig, rank: usize, addr: &str) -> std::io::Resu
     };
     Command::new(&cfg.exe)
         .args(["worker", "--listen", addr, "--device", &device])
+        .arg("--worker-token-file")
+        .arg(&token.path)
         .kill_on_drop(true)
         .spawn()
 }
@@ -55,6 +69,7 @@ fn spawn_one(cfg: &LocalWorkersConfig, rank: usize, addr: &str) -> std::io::Resu
 impl LocalWorkers {
     /// Starts `tp` workers and a supervisor that restarts any that exits.
     pub fn start(cfg: LocalWorkersConfig) -> std::io::Result<Self> {
+        let token_file = Arc::new(TokenFile::create()?);
         let grpc_addrs = (0..cfg.tp)
             .map(|_| free_addr())
             .collect::<std::io::Result<Vec<_>>>()?;
@@ -64,16 +79,23 @@ impl LocalWorkers {
         let children = grpc_addrs
             .iter()
             .enumerate()
-            .map(|(rank, a)| spawn_one(&cfg, rank, a))
+            .map(|(rank, a)| spawn_one(&cfg, &token_file, rank, a))
             .collect::<std::io::Result<Vec<_>>>()?;
         for (rank, c) in children.iter().enumerate() {
             tracing::info!(rank, pid = c.id(), addr = %grpc_addrs[rank], "started worker");
         }
         let children = Arc::new(Mutex::new(children));
-        let supervisor = tokio::spawn(supervise(cfg, grpc_addrs.clone(), children.clone()));
+        let supervisor = tokio::spawn(supervise(
+            cfg,
+            token_file.clone(),
+            grpc_addrs.clone(),
+            children.clone(),
+        ));
         Ok(Self {
             grpc_addrs,
             collective_addrs,
+            token: token_file.token.clone(),
+            _token_file: token_file,
             children,
             supervisor,
         })
@@ -88,7 +110,12 @@ impl LocalWorkers {
     }
 }
 
-async fn supervise(cfg: LocalWorkersConfig, addrs: Vec<String>, children: Arc<Mutex<Vec<Child>>>) {
+async fn supervise(
+    cfg: LocalWorkersConfig,
+    token: Arc<TokenFile>,
+    addrs: Vec<String>,
+    children: Arc<Mutex<Vec<Child>>>,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tick.tick().await;
@@ -96,11 +123,48 @@ async fn supervise(cfg: LocalWorkersConfig, addrs: Vec<String>, children: Arc<Mu
         for (rank, child) in kids.iter_mut().enumerate() {
             if let Ok(Some(status)) = child.try_wait() {
                 tracing::warn!(rank, %status, "worker exited; restarting it");
-                match spawn_one(&cfg, rank, &addrs[rank]) {
+                match spawn_one(&cfg, &token, rank, &addrs[rank]) {
                     Ok(c) => *child = c,
                     Err(e) => tracing::error!(rank, error = %e, "cannot restart worker"),
                 }
             }
+        }
+    }
+}
+
+/// A fresh random worker token in a file only this user can read; the file and its
+/// folder are removed on drop.
+pub struct TokenFile {
+    pub path: PathBuf,
+    pub token: String,
+}
+
+impl TokenFile {
+    pub fn create() -> std::io::Result<Self> {
+        use std::io::{Read, Write};
+        let mut bytes = [0u8; 32];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let dir = std::env::temp_dir().join(format!("stral-serve-{}-{}", std::process::id(), &token[..8]));
+        let mut builder = std::fs::DirBuilder::new();
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(&dir)?;
+        let path = dir.join("worker-token");
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options.open(&path)?.write_all(token.as_bytes())?;
+        Ok(Self { path, token })
+    }
+}
+
+impl Drop for TokenFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::remove_dir(dir);
         }
     }
 }

@@ -190,6 +190,16 @@ impl Metrics {
             "Sequences preempted by recompute.",
             engine.preemptions,
         );
+        counter(
+            "stral_worker_restarts_total",
+            "Worker groups brought back after a crash.",
+            engine.worker_restarts,
+        );
+        counter(
+            "stral_requests_recovered_total",
+            "Requests recomputed on a new worker group after a crash.",
+            engine.requests_recovered,
+        );
         let _ = writeln!(out, "# HELP stral_requests_total HTTP requests by endpoint and status.\n# TYPE stral_requests_total counter");
         for ((endpoint, status), n) in self.requests.lock().expect("metrics lock").iter() {
             let _ = writeln!(
@@ -216,6 +226,11 @@ impl Metrics {
             &mut out,
             "stral_step_duration_seconds",
             "Wall time of one engine step (schedule, execute, update).",
+        );
+        engine.recovery_time.render(
+            &mut out,
+            "stral_recovery_seconds",
+            "Time from losing the worker group to the next one serving.",
         );
         for (h, name, help) in [
             (&engine.phases.engine, "stral_step_engine_seconds", "Per step, the engine's critical path: schedule, plan, submit, and the update after the answers."),

@@ -40,6 +40,9 @@ pub struct ServeConfig {
     pub kv_cache_bytes: u64,
     pub step_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// The token remote workers require (`--worker-token-file`); local workers get a
+    /// fresh one.
+    pub worker_token: Option<String>,
 }
 
 /// Errors that stop `serve` from starting.
@@ -78,6 +81,7 @@ fn default_peers(workers: &[String]) -> Result<Vec<String>, ServeError> {
 /// Runs the server until a shutdown signal.
 pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     let tokenizer = Tokenizer::codestral()?;
+    let mut worker_token = config.worker_token.clone();
     let (local, workers, peers, listen) = match &config.workers {
         Some(w) => {
             if w.len() != config.tp {
@@ -112,6 +116,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
                 .to_string(),
             })
             .map_err(ServeError::Workers)?;
+            worker_token = Some(lw.token.clone());
             let (w, p) = (lw.grpc_addrs.clone(), lw.collective_addrs.clone());
             (Some(lw), w, p, Vec::new())
         }
@@ -128,6 +133,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
         max_num_batched_tokens: config.engine.scheduler.max_num_batched_tokens as u32,
         max_num_seqs: config.engine.scheduler.max_num_seqs as u32,
         step_timeout: config.step_timeout,
+        token: worker_token,
         ..Default::default()
     });
     let (engine, engine_task) = run_engine(exec, config.engine.clone());

@@ -49,6 +49,11 @@ pub struct Server {
 
 impl Server {
     pub fn start(model: &Path, tp: usize, extra: &[&str]) -> Server {
+        Self::start_env(model, tp, extra, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables (inherited by its workers).
+    pub fn start_env(model: &Path, tp: usize, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let port = free_port();
         let log =
             PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("stral-serve-{port}.log"));
@@ -64,6 +69,7 @@ impl Server {
             .arg(model)
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

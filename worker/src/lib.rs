@@ -8,11 +8,13 @@
 //! processes), rank 0's sampler, and the gRPC worker service. Invariant: a worker
 //! never owns block tables; it is handed them per step and only mirrors them.
 
+pub mod auth;
 pub mod checkpoint;
 pub mod collective;
 pub mod config;
 pub mod cuda;
 pub mod embedded;
+pub mod fault;
 pub mod local;
 pub mod model;
 pub mod safetensors_io;

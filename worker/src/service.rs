@@ -80,6 +80,9 @@ pub struct WorkerConfig {
     /// running it and writing its result then never cross a thread. Two in-process
     /// ranks on one such runtime would deadlock in their first collective.
     pub inline_steps: bool,
+    /// The shared token every RPC must carry (`--worker-token-file`); required when
+    /// `listen` is not loopback (see [`crate::auth`]).
+    pub token: Option<String>,
 }
 
 impl Default for WorkerConfig {
@@ -91,6 +94,7 @@ impl Default for WorkerConfig {
             collective_op_timeout: Duration::from_secs(60),
             backend: None,
             inline_steps: false,
+            token: None,
         }
     }
 }
@@ -104,6 +108,7 @@ pub async fn run_worker(config: WorkerConfig) -> Result<(), WorkerError> {
             .build_global()
             .map_err(|e| WorkerError::Config(format!("threads: {e}")))?;
     }
+    crate::auth::check_listen(&config.listen, config.token.as_deref())?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .map_err(|e| WorkerError::Serve(format!("cannot listen on {}: {e}", config.listen)))?;
@@ -112,8 +117,13 @@ pub async fn run_worker(config: WorkerConfig) -> Result<(), WorkerError> {
         .map_err(|e| WorkerError::Serve(e.to_string()))?;
     tracing::info!(%addr, "worker listening");
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let auth = crate::auth::interceptor(config.token.as_deref().map(Arc::from));
+    let service = tonic::service::interceptor::InterceptedService::new(
+        WorkerService::new(config).into_server(),
+        auth,
+    );
     let server = tonic::transport::Server::builder()
-        .add_service(WorkerService::new(config).into_server())
+        .add_service(service)
         .serve_with_incoming(incoming);
     // Not a graceful shutdown: that would wait for the coordinator to close its
     // long-lived Steps stream.
@@ -721,6 +731,7 @@ impl Engine {
             max_context: cfg.max_position_embeddings,
         };
         let checked = check_plan(&self.seqs, &freed, limits, plan)?;
+        crate::fault::crash_if_fed(checked.iter().map(|c| c.seq.tokens.as_slice()));
         let vocab = cfg.vocab_size;
         let (logits, sim_deadline) = match &mut self.compute {
             Compute::Cpu {

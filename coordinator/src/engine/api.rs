@@ -116,6 +116,9 @@ pub enum EngineError {
     /// The engine is shutting down (503).
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The worker group crashed every time it ran this request (500).
+    #[error("the workers crashed running this request: {0}")]
+    WorkerCrash(String),
 }
 
 /// The receiving end of one request. Dropping it before the end aborts the request.

@@ -29,6 +29,12 @@ pub struct EngineConfig {
     pub scheduler: SchedulerConfig,
     /// Pause between attempts to (re)initialize a failed worker group.
     pub restart_backoff: Duration,
+    /// How long a request may wait for a crashed worker group to come back before it
+    /// fails with 503; zero fails in-flight requests at once (no recovery).
+    pub recovery_timeout: Duration,
+    /// A request that has lived through more worker-group crashes than this fails
+    /// with 503 at the next one.
+    pub max_restarts_per_request: u32,
 }
 
 impl Default for EngineConfig {
@@ -36,6 +42,8 @@ impl Default for EngineConfig {
         Self {
             scheduler: SchedulerConfig::default(),
             restart_backoff: Duration::from_millis(500),
+            recovery_timeout: Duration::from_secs(30),
+            max_restarts_per_request: 2,
         }
     }
 }
@@ -84,6 +92,11 @@ pub fn run_engine<E: Executor>(
             relay: outbox_tx,
         },
         steps: 0,
+        in_flight: Vec::new(),
+        held: Vec::new(),
+        suspects: std::collections::VecDeque::new(),
+        probation: None,
+        lost_at: None,
     };
     let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
@@ -146,6 +159,30 @@ struct Live {
     generated: u32,
     /// Prompt tokens the prefix cache served at first admission.
     cached: Option<u32>,
+    /// Every token sampled so far (EOS included), so that a crashed group's sequence
+    /// can be recomputed from `prompt + output`.
+    output: Vec<u32>,
+    /// Worker-group crashes this request has lived through.
+    crashes: u32,
+    /// Crashed steps that held this sequence since its last successful step.
+    crashed_steps: u32,
+    /// When it lost its worker group, while waiting to be readmitted.
+    lost_at: Option<Instant>,
+}
+
+impl Live {
+    fn new(events: mpsc::UnboundedSender<EngineEvent>, request: GenerateRequest) -> Self {
+        Self {
+            events,
+            request,
+            generated: 0,
+            cached: None,
+            output: Vec::new(),
+            crashes: 0,
+            crashed_steps: 0,
+            lost_at: None,
+        }
+    }
 }
 
 struct Engine<E: Executor> {
@@ -162,6 +199,17 @@ struct Engine<E: Executor> {
     /// Requests the last step finished, not yet told.
     finished: Vec<(RequestId, scheduler::FinishReason)>,
     steps: u64,
+    /// Sequences of the step submitted last (what a crash is blamed on).
+    in_flight: Vec<RequestId>,
+    /// Requests whose worker group crashed, waiting for the next one (oldest first).
+    held: Vec<RequestId>,
+    /// Readmitted after a crash but held back: each was in a crashed step, so they
+    /// return one at a time (see [`Engine::release_suspect`]).
+    suspects: std::collections::VecDeque<RequestId>,
+    /// The suspect readmitted last, until a step that holds it succeeds.
+    probation: Option<RequestId>,
+    /// When the worker group was lost, until a new one is up.
+    lost_at: Option<Instant>,
 }
 
 /// Why serving stopped.
@@ -175,13 +223,25 @@ enum Stop {
 impl<E: Executor> Engine<E> {
     async fn run(&mut self) {
         loop {
-            let facts = match self.exec.init().await {
+            // Requests held from a crashed group bound how long one attempt may take.
+            let deadline = self.held_deadline();
+            let init = self.exec.init();
+            let attempt = match deadline {
+                Some(d) => tokio::time::timeout_at(d.into(), init).await,
+                None => Ok(init.await),
+            };
+            let Ok(attempt) = attempt else {
+                self.expire_held("the worker group is still initializing");
+                continue;
+            };
+            let facts = match attempt {
                 Ok(f) => f,
                 Err(e) => {
                     tracing::error!(error = %e, "worker group initialization failed; retrying");
                     if self.refuse_while_down(&e.to_string()).await {
                         return;
                     }
+                    self.expire_held(&e.to_string());
                     continue;
                 }
             };
@@ -198,12 +258,14 @@ impl<E: Executor> Engine<E> {
                     if self.refuse_while_down(&e.to_string()).await {
                         return;
                     }
+                    self.expire_held(&e.to_string());
                     continue;
                 }
             };
             self.shared
                 .max_context
                 .store(facts.max_context, Ordering::Release);
+            self.readmit(&mut sched);
             self.shared.ready.store(true, Ordering::Release);
             let stop = self.serve(&mut sched).await;
             self.shared.ready.store(false, Ordering::Release);
@@ -212,14 +274,8 @@ impl<E: Executor> Engine<E> {
                 Stop::WorkersLost(e) => {
                     // What the last good step produced still reaches its readers.
                     self.deliver(&sched);
-                    tracing::error!(error = %e, in_flight = self.requests.len(), "worker group lost; failing in-flight requests");
-                    let msg = e.to_string();
-                    for (_, live) in self.requests.drain() {
-                        self.outbox.push(
-                            &live.events,
-                            EngineEvent::Failed(EngineError::Unavailable(msg.clone())),
-                        );
-                    }
+                    tracing::error!(error = %e, requests = self.requests.len(), "worker group lost; keeping its requests for the next group");
+                    self.hold_after_crash(&e.to_string());
                     self.publish_stats(&sched);
                     self.outbox.flush();
                 }
@@ -248,8 +304,173 @@ impl<E: Executor> Engine<E> {
                 Ok(Some(Command::Submit { ack, .. })) => {
                     let _ = ack.send(Err(EngineError::Unavailable(why.to_string())));
                 }
-                Ok(Some(Command::Abort(_))) => {}
+                Ok(Some(Command::Abort(id))) => {
+                    // A held request whose client left: nothing of it is on a worker.
+                    if self.requests.remove(&id).is_some() {
+                        self.held.retain(|h| *h != id);
+                    }
+                }
             }
+        }
+    }
+
+    /// After the group failed: every request is kept to be recomputed on the next
+    /// group, unless recovery is off, it has lived through too many crashes (503), or it
+    /// was in two crashed steps in a row with no good step between (500: it is what
+    /// crashes the workers). Each held request's blocks went with the old scheduler.
+    fn hold_after_crash(&mut self, why: &str) {
+        let now = Instant::now();
+        self.lost_at.get_or_insert(now);
+        for id in std::mem::take(&mut self.in_flight) {
+            if let Some(live) = self.requests.get_mut(&id) {
+                live.crashed_steps += 1;
+            }
+        }
+        let (max_restarts, recover) = (
+            self.config.max_restarts_per_request,
+            !self.config.recovery_timeout.is_zero(),
+        );
+        let mut ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        ids.sort_unstable();
+        self.suspects.clear();
+        self.probation = None;
+        self.held.clear();
+        for id in ids {
+            let live = self.requests.get_mut(&id).expect("listed above");
+            live.crashes += 1;
+            live.lost_at.get_or_insert(now);
+            let verdict = if live.crashed_steps >= 2 {
+                Some(EngineError::WorkerCrash(format!(
+                    "the worker group crashed in {} steps in a row that held this request, so                      it was not retried (last error: {why})",
+                    live.crashed_steps
+                )))
+            } else if !recover || live.crashes > max_restarts {
+                Some(EngineError::Unavailable(why.to_string()))
+            } else {
+                None
+            };
+            match verdict {
+                Some(err) => {
+                    let live = self.requests.remove(&id).expect("listed above");
+                    self.outbox.push(&live.events, EngineEvent::Failed(err));
+                }
+                None => self.held.push(id),
+            }
+        }
+    }
+
+    /// When the first held request's recovery timeout runs out.
+    fn held_deadline(&self) -> Option<Instant> {
+        self.held
+            .iter()
+            .filter_map(|id| self.requests.get(id)?.lost_at)
+            .min()
+            .map(|t| t + self.config.recovery_timeout)
+    }
+
+    /// Between attempts to bring a group back: held requests past the recovery
+    /// timeout, or whose client left, are dropped (the former with 503).
+    fn expire_held(&mut self, why: &str) {
+        let timeout = self.config.recovery_timeout;
+        let requests = &mut self.requests;
+        let outbox = &mut self.outbox;
+        self.held.retain(|id| {
+            let Some(live) = requests.get(id) else {
+                return false;
+            };
+            let expired = live.lost_at.is_some_and(|t| t.elapsed() >= timeout);
+            if expired || live.events.is_closed() {
+                let live = requests.remove(id).expect("checked");
+                if expired {
+                    outbox.push(
+                        &live.events,
+                        EngineEvent::Failed(EngineError::Unavailable(format!(
+                            "the worker group did not come back within {timeout:?}: {why}"
+                        ))),
+                    );
+                }
+                return false;
+            }
+            true
+        });
+        self.outbox.flush();
+    }
+
+    /// A new group is up: held requests return to the new scheduler as sequences to
+    /// recompute (`prompt + output`, the rest of their token budget). Those that were
+    /// in the crashed step are suspects and come back one at a time.
+    fn readmit(&mut self, sched: &mut Scheduler) {
+        if let Some(t) = self.lost_at.take() {
+            self.shared.recovery_time.observe(t.elapsed().as_secs_f64());
+            self.shared.worker_restarts.fetch_add(1, Ordering::Relaxed);
+        }
+        self.expire_held("it came back too late");
+        for id in std::mem::take(&mut self.held) {
+            let suspect = self.requests.get(&id).is_some_and(|l| l.crashed_steps > 0);
+            if suspect {
+                self.suspects.push_back(id);
+            } else {
+                self.resume(sched, id);
+            }
+        }
+        self.release_suspect(sched);
+        self.outbox.flush();
+    }
+
+    /// Puts one held request back into `sched`; returns whether it is there.
+    fn resume(&mut self, sched: &mut Scheduler, id: RequestId) -> bool {
+        let Some(live) = self.requests.get_mut(&id) else {
+            return false;
+        };
+        live.lost_at = None;
+        let mut tokens = live.request.prompt.clone();
+        tokens.extend_from_slice(&live.output);
+        let left = (live.request.max_tokens as usize).saturating_sub(live.output.len());
+        let priority = to_sched_priority(live.request.priority);
+        match sched.add(id, tokens, left.max(1), priority, self.now()) {
+            Ok(()) => {
+                self.shared.requests_recovered.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                let err = map_admission(e, sched);
+                let live = self.requests.remove(&id).expect("checked");
+                self.outbox.push(&live.events, EngineEvent::Failed(err));
+                false
+            }
+        }
+    }
+
+    /// Readmits the next suspect once the previous one has been through a good step, so
+    /// a request that crashes the workers is alone among suspects in its next step.
+    fn release_suspect(&mut self, sched: &mut Scheduler) {
+        if self
+            .probation
+            .is_some_and(|id| self.requests.contains_key(&id))
+        {
+            return;
+        }
+        self.probation = None;
+        while let Some(id) = self.suspects.pop_front() {
+            if self.resume(sched, id) {
+                self.probation = Some(id);
+                return;
+            }
+        }
+    }
+
+    /// After a step that succeeded: its sequences are cleared of crash suspicion.
+    fn clear_suspicion(&mut self, sched: &mut Scheduler) {
+        for id in std::mem::take(&mut self.in_flight) {
+            if let Some(live) = self.requests.get_mut(&id) {
+                live.crashed_steps = 0;
+            }
+            if self.probation == Some(id) {
+                self.probation = None;
+            }
+        }
+        if !self.suspects.is_empty() {
+            self.release_suspect(sched);
         }
     }
 
@@ -283,6 +504,8 @@ impl<E: Executor> Engine<E> {
                 }
                 continue;
             }
+            self.in_flight.clear();
+            self.in_flight.extend(work.seqs.iter().map(|s| s.seq_id));
             let submitted = self.exec.submit(work).await;
             let critical = started.elapsed();
             // The plan is only queued for the connection tasks of this runtime: let them
@@ -315,6 +538,7 @@ impl<E: Executor> Engine<E> {
             };
             let collected = Instant::now();
             self.update(sched, &plan, out.sampled);
+            self.clear_suspicion(sched);
             self.steps += 1;
             let wall = started.elapsed();
             self.step_time.observe(wall.as_secs_f64());
@@ -355,15 +579,7 @@ impl<E: Executor> Engine<E> {
                     .map_err(|e| map_admission(e, sched));
                 let admitted = verdict.is_ok();
                 if ack.send(verdict).is_ok() && admitted {
-                    self.requests.insert(
-                        id,
-                        Live {
-                            events,
-                            request,
-                            generated: 0,
-                            cached: None,
-                        },
-                    );
+                    self.requests.insert(id, Live::new(events, request));
                 } else if admitted {
                     // The submitter is gone already.
                     sched.abort(id);
@@ -371,6 +587,8 @@ impl<E: Executor> Engine<E> {
             }
             Command::Abort(id) => {
                 if self.requests.remove(&id).is_some() {
+                    // A suspect not yet readmitted is not in the scheduler (a no-op there).
+                    self.suspects.retain(|s| *s != id);
                     sched.abort(id);
                 }
             }
@@ -422,6 +640,7 @@ impl<E: Executor> Engine<E> {
                 continue;
             };
             live.generated += 1;
+            live.output.push(s.token);
             tokens.push((s.seq_id, s.token));
             if live.request.stop_token_ids.contains(&s.token) || live.events.is_closed() {
                 stopped.push(s.seq_id);
@@ -485,6 +704,8 @@ impl<E: Executor> Engine<E> {
         st.prefix_cache_hit_rate = c.prefix_hit_rate();
         st.steps = self.steps;
         st.preemptions = c.preemptions;
+        st.worker_restarts = self.shared.worker_restarts.load(Ordering::Relaxed);
+        st.requests_recovered = self.shared.requests_recovered.load(Ordering::Relaxed);
     }
 }
 

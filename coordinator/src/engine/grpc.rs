@@ -48,6 +48,8 @@ pub struct GrpcGroupConfig {
     pub init_timeout: Duration,
     /// A rank that does not answer a step within this is considered lost.
     pub step_timeout: Duration,
+    /// The shared worker token (`--worker-token-file`), sent with every call.
+    pub token: Option<String>,
 }
 
 impl Default for GrpcGroupConfig {
@@ -66,6 +68,7 @@ impl Default for GrpcGroupConfig {
             max_num_seqs: SchedulerConfig::default().max_num_seqs as u32,
             init_timeout: Duration::from_secs(120),
             step_timeout: Duration::from_secs(60),
+            token: None,
         }
     }
 }
@@ -96,6 +99,7 @@ impl GrpcExecutor {
 
     async fn connect(
         addr: &str,
+        token: Option<&str>,
         deadline: tokio::time::Instant,
     ) -> Result<WorkerClient<Channel>, ExecError> {
         let uri = if addr.contains("://") {
@@ -112,10 +116,17 @@ impl GrpcExecutor {
             let last = match endpoint.connect().await {
                 Ok(ch) => {
                     let mut client = WorkerClient::new(ch).max_decoding_message_size(64 << 20);
-                    let mut req = tonic::Request::new(pb::HealthRequest {});
+                    let mut req = request(pb::HealthRequest {}, token)?;
                     req.set_timeout(Duration::from_secs(2));
                     match client.health(req).await {
                         Ok(_) => return Ok(client),
+                        Err(s) if s.code() == tonic::Code::Unauthenticated => {
+                            return Err(ExecError::Init(format!(
+                                "worker {addr} refused the coordinator: {} (give `stral serve` and \
+                                 every `stral worker` the same --worker-token-file)",
+                                s.message()
+                            )))
+                        }
                         Err(s) => s.message().to_string(),
                     }
                 }
@@ -138,6 +149,18 @@ impl GrpcExecutor {
     }
 }
 
+/// A request carrying the worker token, when there is one.
+fn request<T>(message: T, token: Option<&str>) -> Result<tonic::Request<T>, ExecError> {
+    let mut req = tonic::Request::new(message);
+    if let Some(t) = token {
+        let value = t
+            .parse()
+            .map_err(|_| ExecError::Init("the worker token is not a valid gRPC metadata value".into()))?;
+        req.metadata_mut().insert(proto::auth::TOKEN_HEADER, value);
+    }
+    Ok(req)
+}
+
 impl Executor for GrpcExecutor {
     async fn init(&mut self) -> Result<GroupFacts, ExecError> {
         self.ranks.clear();
@@ -149,7 +172,8 @@ impl Executor for GrpcExecutor {
             return Err(ExecError::Init("no workers configured".into()));
         }
         let deadline = tokio::time::Instant::now() + cfg.init_timeout;
-        let clients = join_all(cfg.workers.iter().map(|a| Self::connect(a, deadline)))
+        let token = cfg.token.as_deref();
+        let clients = join_all(cfg.workers.iter().map(|a| Self::connect(a, token, deadline)))
             .await
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
@@ -189,7 +213,7 @@ impl Executor for GrpcExecutor {
                 max_num_seqs: cfg.max_num_seqs,
             };
             async move {
-                let mut req = tonic::Request::new(request);
+                let mut req = self::request(request, token)?;
                 req.set_timeout(cfg.init_timeout);
                 client
                     .init(req)
@@ -226,7 +250,7 @@ impl Executor for GrpcExecutor {
         for (rank, mut client) in clients.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel(4);
             let results = client
-                .steps(ReceiverStream::new(rx))
+                .steps(self::request(ReceiverStream::new(rx), token)?)
                 .await
                 .map_err(|s| {
                     ExecError::Init(format!(

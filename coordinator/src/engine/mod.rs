@@ -8,9 +8,11 @@
 //!
 //! Invariants: every admitted request receives exactly one final event (`Finished` or
 //! `Failed`); a request whose reader is gone is aborted at the next step boundary and
-//! its KV blocks are freed in that step; after a worker failure every in-flight request
-//! fails with `Unavailable`, the scheduler is reset (all blocks free) and the worker
-//! group is re-initialized before anything is admitted again.
+//! its KV blocks are freed in that step; after a worker failure the scheduler is reset
+//! (all blocks free), the worker group is re-initialized before anything new is
+//! admitted, and the requests it held are recomputed on the new group from their prompt
+//! and the tokens already sent, so their streams pause and continue (within
+//! `recovery_timeout` and `max_restarts_per_request`; see `core.rs`).
 
 mod api;
 mod core;
@@ -43,6 +45,12 @@ pub struct EngineStats {
     pub preemptions: u64,
     pub step_time: Arc<Histogram>,
     pub phases: Arc<StepPhases>,
+    /// Worker groups brought back after a crash.
+    pub worker_restarts: u64,
+    /// Requests readmitted to a new group after a crash.
+    pub requests_recovered: u64,
+    /// Seconds from losing a group to the next one being up.
+    pub recovery_time: Arc<Histogram>,
 }
 
 /// Where each step's wall time went (means are what matter: sum / count).
@@ -81,6 +89,9 @@ pub(crate) struct Shared {
     pub(crate) stats: Mutex<EngineStats>,
     pub(crate) ready: AtomicBool,
     pub(crate) max_context: AtomicUsize,
+    pub(crate) worker_restarts: AtomicU64,
+    pub(crate) requests_recovered: AtomicU64,
+    pub(crate) recovery_time: Arc<Histogram>,
     next_id: AtomicU64,
 }
 
@@ -96,9 +107,11 @@ impl EngineHandle {
         step_time: Arc<Histogram>,
         phases: Arc<StepPhases>,
     ) -> Self {
+        let recovery_time = Arc::new(Histogram::default());
         let stats = EngineStats {
             step_time,
             phases,
+            recovery_time: recovery_time.clone(),
             ..Default::default()
         };
         Self {
@@ -107,6 +120,9 @@ impl EngineHandle {
                 stats: Mutex::new(stats),
                 ready: AtomicBool::new(false),
                 max_context: AtomicUsize::new(0),
+                worker_restarts: AtomicU64::new(0),
+                requests_recovered: AtomicU64::new(0),
+                recovery_time,
                 next_id: AtomicU64::new(1),
             }),
         }

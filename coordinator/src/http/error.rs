@@ -132,6 +132,7 @@ impl From<EngineError> for AppError {
             EngineError::Unavailable(_) | EngineError::ShuttingDown => {
                 Self::Unavailable(e.to_string())
             }
+            EngineError::WorkerCrash(_) => Self::Internal(e.to_string()),
         }
     }
 }

@@ -47,6 +47,23 @@ fn request(i: usize, max_tokens: u32) -> (&'static str, Value) {
     (path, body)
 }
 
+/// The texts of requests `0..n` on an undisturbed server, sent concurrently.
+fn reference(server: &Server, n: usize, max_tokens: u32) -> Vec<String> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                scope.spawn(move || {
+                    let (path, body) = request(i, max_tokens);
+                    let (status, v) = server.post(path, &body);
+                    assert_eq!(status, 200, "{v}");
+                    text_of(&v)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 fn text_of(v: &Value) -> String {
     v["choices"][0]["message"]["content"]
         .as_str()
@@ -118,15 +135,8 @@ fn forty_streams_survive_two_worker_kills_with_unchanged_text_and_no_leaked_bloc
     let n = 40;
     let max_tokens = 48;
     let server = Server::start(model_dir(), 2, &[]);
-    // The undisturbed run: the same requests, one at a time.
-    let want: Vec<String> = (0..n)
-        .map(|i| {
-            let (path, body) = request(i, max_tokens);
-            let (status, v) = server.post(path, &body);
-            assert_eq!(status, 200, "{v}");
-            text_of(&v)
-        })
-        .collect();
+    // The undisturbed run: the same requests, not streamed.
+    let want = reference(&server, n, max_tokens);
 
     let seen: Vec<Arc<AtomicUsize>> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
     let done: Vec<Arc<AtomicUsize>> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
@@ -189,14 +199,7 @@ fn a_request_that_crashes_the_workers_every_time_fails_with_500_and_the_rest_com
     );
     let n = 6;
     let max_tokens = 40;
-    let want: Vec<String> = (0..n)
-        .map(|i| {
-            let (path, body) = request(i, max_tokens);
-            let (status, v) = server.post(path, &body);
-            assert_eq!(status, 200, "{v}");
-            text_of(&v)
-        })
-        .collect();
+    let want = reference(&server, n, max_tokens);
     let seen: Vec<Arc<AtomicUsize>> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
     let done: Vec<Arc<AtomicUsize>> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
     let port = server.port;

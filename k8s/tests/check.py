@@ -317,6 +317,42 @@ def contract_problems(ident: str, container: dict) -> list[str]:
     return problems
 
 
+def check_worker_access(report: Report, manifests: dict[str, str]) -> None:
+    """Where workers are pods of their own, they listen beyond loopback: every stral
+    container there reads the shared token from a mounted Secret, and a NetworkPolicy
+    admits only this release's coordinators and workers to the worker pods."""
+    for name, manifest in manifests.items():
+        docs = documents(manifest)
+        workers = [d for d in docs if d.get("kind") == "StatefulSet"
+                   and d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"]
+        if not workers:
+            continue
+        problems = []
+        secrets = {d["metadata"]["name"] for d in docs if d.get("kind") == "Secret"}
+        for ident, c in stral_containers(manifest):
+            env = {e["name"]: e for e in c.get("env", [])}
+            path = env.get("STRAL_WORKER_TOKEN_FILE", {}).get("value", "")
+            mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+            if not path or not path.startswith(mounts.get("worker-token", "//") + "/"):
+                problems.append(f"{ident}: STRAL_WORKER_TOKEN_FILE {path!r} is not in the worker-token mount")
+        for d in docs:
+            if d.get("kind") not in ("Deployment", "StatefulSet"):
+                continue
+            for v in d["spec"]["template"]["spec"].get("volumes", []):
+                if v["name"] == "worker-token" and v["secret"]["secretName"] not in secrets:
+                    problems.append(f"{d['metadata']['name']}: token Secret {v['secret']['secretName']} is not rendered")
+        policies = [d for d in docs if d.get("kind") == "NetworkPolicy"
+                    and d["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == "worker"]
+        if len(policies) != 1:
+            problems.append(f"{len(policies)} NetworkPolicies select the worker pods")
+        else:
+            sources = [p["podSelector"]["matchLabels"].get("app.kubernetes.io/component")
+                       for rule in policies[0]["spec"]["ingress"] for p in rule["from"]]
+            if sorted(sources) != ["coordinator", "worker"]:
+                problems.append(f"the worker NetworkPolicy admits {sources}")
+        report.check(f"workers take calls only with the token, from the coordinator [{name}]", problems)
+
+
 def binary_is_contract_ready(binary: str) -> bool:
     proc = subprocess.run([binary, "worker", "--help"], capture_output=True, text=True)
     return "--listen" in proc.stdout
@@ -510,6 +546,7 @@ def main() -> int:
         guarded(f"schemas [{name}]", validate_manifest, report, name, manifest, crds)
     guarded("yamllint", check_yamllint, report, manifests)
     guarded("stral commands", check_commands, report, manifests, binary)
+    guarded("worker access", check_worker_access, report, manifests)
     guarded("metrics", check_metrics, report, manifests)
     guarded("Dockerfile", check_dockerfile, report)
 

@@ -202,6 +202,10 @@ API), nccl (bool: it runs TP ranks). */}}
       name: {{ include "stral.apiKeysSecretName" .root }}
       key: {{ $v.apiKeys.secretKey }}
 {{- end }}
+{{- if .workerToken }}
+- name: STRAL_WORKER_TOKEN_FILE
+  value: /etc/stral/worker-token/{{ $v.workerToken.secretKey }}
+{{- end }}
 {{- if .nccl }}
 {{- range $name, $value := $v.nccl.env }}
 - name: {{ $name }}
@@ -228,6 +232,11 @@ API), nccl (bool: it runs TP ranks). */}}
 {{- if and .shm $v.shm.enabled }}
 - name: dshm
   mountPath: /dev/shm
+{{- end }}
+{{- if .workerToken }}
+- name: worker-token
+  mountPath: /etc/stral/worker-token
+  readOnly: true
 {{- end }}
 {{- with $v.extraVolumeMounts }}
 {{ toYaml . }}
@@ -264,6 +273,12 @@ API), nccl (bool: it runs TP ranks). */}}
   emptyDir:
     medium: Memory
     sizeLimit: {{ $v.shm.sizeLimit }}
+{{- end }}
+{{- if .workerToken }}
+- name: worker-token
+  secret:
+    secretName: {{ include "stral.workerTokenSecretName" .root }}
+    defaultMode: 0400
 {{- end }}
 {{- with $v.extraVolumes }}
 {{ toYaml . }}
@@ -406,4 +421,9 @@ readinessProbe:
 lifecycle:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end }}
+
+{{/* The Secret holding the coordinator–worker token (topology: statefulset). */}}
+{{- define "stral.workerTokenSecretName" -}}
+{{- .Values.workerToken.existingSecret | default (printf "%s-worker-token" (include "stral.fullname" .)) -}}
 {{- end }}

@@ -185,7 +185,18 @@ pub struct CpuModel {
 
 impl CpuModel {
     /// Allocates `num_blocks` KV blocks of `block_size` tokens for every layer.
+    /// Panics where memory runs out; `Init` uses [`CpuModel::try_new`].
     pub fn new(weights: RankWeights, num_blocks: usize, block_size: usize) -> Self {
+        Self::try_new(weights, num_blocks, block_size).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`CpuModel::new`], answering an error instead of aborting when the cache
+    /// cannot be allocated.
+    pub fn try_new(
+        weights: RankWeights,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self, WorkerError> {
         let cfg = &weights.config;
         let local = Local::new(cfg, weights.shard);
         let layout = KvLayout {
@@ -194,15 +205,25 @@ impl CpuModel {
             block_size,
             head_dim: cfg.head_dim,
         };
+        let zeros = || -> Result<Vec<f32>, WorkerError> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(layout.len()).map_err(|e| {
+                WorkerError::Config(format!(
+                    "cannot allocate a KV cache of {num_blocks} blocks: {e}"
+                ))
+            })?;
+            v.resize(layout.len(), 0.0);
+            Ok(v)
+        };
         let kv = (0..cfg.n_layers)
-            .map(|_| (vec![0f32; layout.len()], vec![0f32; layout.len()]))
-            .collect();
-        Self {
+            .map(|_| Ok((zeros()?, zeros()?)))
+            .collect::<Result<_, WorkerError>>()?;
+        Ok(Self {
             weights,
             local,
             layout,
             kv,
-        }
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {

@@ -21,7 +21,7 @@ use crate::checkpoint::Checkpoint;
 use crate::collective::{Collective, SoloCollective};
 use crate::cuda::CudaDevice;
 use crate::model::{CpuModel, RankWeights, ShardSpec};
-use crate::rank::{Limits, Rank};
+use crate::rank::{Rank, RankLimits};
 use crate::sampler::EOS_TOKEN_ID;
 use crate::sim::{self, SimDevice};
 use crate::tcp_collective::{TcpCollective, TcpGroup};
@@ -64,7 +64,7 @@ pub fn init(opts: &InitOptions, req: &InitRequest) -> Result<(Rank, InitReply), 
         rank: shape.rank as u32,
         tp_world_size: shape.tp as u32,
     };
-    let limits = Limits {
+    let limits = RankLimits {
         num_blocks: num_blocks as usize,
         block_size: shape.block_size,
         vocab: cfg.vocab_size,
@@ -99,8 +99,8 @@ fn resolve_device(opts: &InitOptions, req: &InitRequest) -> Result<InitRequest, 
             Some(dev) => dev.device_string(),
             None => {
                 return Err(WorkerError::Config(format!(
-                    "device '{d}': this worker was started for device '{b}' (stral worker --backend)"
-                )))
+                "device '{d}': this worker was started for device '{b}' (stral worker --backend)"
+            )))
             }
         },
     };
@@ -111,7 +111,11 @@ fn resolve_device(opts: &InitOptions, req: &InitRequest) -> Result<InitRequest, 
 }
 
 /// Devices "cpu" (the f32 reference) and "null" (checked and mirrored, no math).
-fn open_cpu(opts: &InitOptions, req: &InitRequest, shape: InitShape) -> Result<Opened, WorkerError> {
+fn open_cpu(
+    opts: &InitOptions,
+    req: &InitRequest,
+    shape: InitShape,
+) -> Result<Opened, WorkerError> {
     let config_err = |m: String| Err(WorkerError::Config(m));
     if !matches!(req.device.as_str(), "" | "cpu" | "null") {
         return config_err(format!(

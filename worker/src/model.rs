@@ -236,7 +236,7 @@ impl CpuModel {
 
     /// Bytes of KV cache one block takes on this rank (K and V, all layers, f32).
     pub fn kv_bytes_per_block(cfg: &ModelConfig, tp: usize, block_size: usize) -> usize {
-        2 * cfg.n_layers * (cfg.n_kv_heads / tp) * block_size * cfg.head_dim * 4
+        cfg.kv_bytes_per_block(tp, block_size, 4) as usize
     }
 
     /// Rejects a step this rank cannot execute, naming the problem.
@@ -323,20 +323,26 @@ impl CpuModel {
         );
         let tp = coll.world_size();
         let gathered = coll.gather(&local_logits)?;
-        Ok(gathered.map(|g| {
-            // `g` is [tp][m][vocab/tp]; logits are [m][vocab].
-            let mut logits = vec![0f32; m * cfg.vocab_size];
-            for r in 0..tp {
-                for row in 0..m {
-                    let src = &g[(r * m + row) * l.vocab..(r * m + row + 1) * l.vocab];
-                    logits[row * cfg.vocab_size + r * l.vocab
-                        ..row * cfg.vocab_size + (r + 1) * l.vocab]
-                        .copy_from_slice(src);
-                }
-            }
-            logits
-        }))
+        Ok(gathered.map(|g| reorder_logits(&g, tp, m, l.vocab)))
     }
+}
+
+/// Gathered vocab-parallel logits, `[tp][m][vocab/tp]` (rank-major) → `[m][vocab]`
+/// (the CPU and CUDA backends).
+pub fn reorder_logits(g: &[f32], tp: usize, m: usize, local_vocab: usize) -> Vec<f32> {
+    if tp == 1 {
+        return g.to_vec();
+    }
+    let vocab = tp * local_vocab;
+    let mut logits = vec![0f32; m * vocab];
+    for r in 0..tp {
+        for row in 0..m {
+            let src = &g[(r * m + row) * local_vocab..(r * m + row + 1) * local_vocab];
+            logits[row * vocab + r * local_vocab..row * vocab + (r + 1) * local_vocab]
+                .copy_from_slice(src);
+        }
+    }
+    logits
 }
 
 /// Rejects a step a rank with this config and KV layout cannot execute, naming the

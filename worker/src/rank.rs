@@ -26,9 +26,10 @@ use crate::model::SeqChunk;
 use crate::sampler::{SamplingParams, SeqSampler};
 use crate::{sim, WorkerError};
 
-/// What a rank was set up for: the model's limits and the step sizes of `Init`.
+/// What a rank was set up for: the model's limits and the step sizes of `Init` (not
+/// the coordinator's request limits).
 #[derive(Clone, Copy, Debug)]
-pub struct Limits {
+pub struct RankLimits {
     /// KV blocks the coordinator may use (ids below this).
     pub num_blocks: usize,
     pub block_size: usize,
@@ -46,7 +47,7 @@ pub struct Limits {
 pub struct Rank {
     backend: Box<dyn Backend>,
     rank: u32,
-    limits: Limits,
+    limits: RankLimits,
     seqs: HashMap<u64, SeqState>,
     /// Why this rank can no longer run steps (the group is out of step).
     failed: Option<String>,
@@ -100,7 +101,7 @@ impl<'p> Commit<'p> {
 }
 
 impl Rank {
-    pub fn new(backend: Box<dyn Backend>, rank: u32, limits: Limits) -> Self {
+    pub fn new(backend: Box<dyn Backend>, rank: u32, limits: RankLimits) -> Self {
         Self {
             backend,
             rank,
@@ -267,7 +268,7 @@ fn sample_rows(
 fn check_plan<'a, 'p: 'a>(
     seqs: &'a HashMap<u64, SeqState>,
     freed: &HashSet<u64>,
-    lim: Limits,
+    lim: RankLimits,
     plan: &'p StepPlan,
 ) -> Result<Vec<Checked<'a, 'p>>, WorkerError> {
     if plan.seqs.len() > lim.max_seqs {

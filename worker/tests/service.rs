@@ -895,7 +895,9 @@ async fn steps_are_bounded_by_the_sizes_init_set_and_the_worker_keeps_serving() 
         })
         .await;
     assert!(
-        over_tokens.error.contains("12001 new tokens exceed this worker's max_num_batched_tokens of 12000"),
+        over_tokens
+            .error
+            .contains("12001 new tokens exceed this worker's max_num_batched_tokens of 12000"),
         "{}",
         over_tokens.error
     );
@@ -906,7 +908,9 @@ async fn steps_are_bounded_by_the_sizes_init_set_and_the_worker_keeps_serving() 
         })
         .await;
     assert!(
-        over_seqs.error.contains("5 sequences exceed this worker's max_num_seqs of 4"),
+        over_seqs
+            .error
+            .contains("5 sequences exceed this worker's max_num_seqs of 4"),
         "{}",
         over_seqs.error
     );
@@ -918,7 +922,9 @@ async fn steps_are_bounded_by_the_sizes_init_set_and_the_worker_keeps_serving() 
         })
         .await;
     assert!(
-        long_table.error.contains("3 blocks but a context of 4 tokens needs only 1"),
+        long_table
+            .error
+            .contains("3 blocks but a context of 4 tokens needs only 1"),
         "{}",
         long_table.error
     );
@@ -970,7 +976,11 @@ async fn steps_are_bounded_by_the_sizes_init_set_and_the_worker_keeps_serving() 
             ..Default::default()
         })
         .await;
-    assert!(over.error.contains("max_num_batched_tokens of 8"), "{}", over.error);
+    assert!(
+        over.error.contains("max_num_batched_tokens of 8"),
+        "{}",
+        over.error
+    );
     let ok = group
         .run(StepPlan {
             seqs: vec![fresh_seq(1, 8, 0, 2)],

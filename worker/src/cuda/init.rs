@@ -103,8 +103,13 @@ pub fn load(
             DeviceCollective::nccl(stream, rank, tp, id)?
         }
         Some(Kind::Tcp(t)) if tp > 1 => {
-            let group =
-                TcpGroup::from_bootstrap(rank, tp, t, Duration::from_secs(20), Duration::from_secs(60))?;
+            let group = TcpGroup::from_bootstrap(
+                rank,
+                tp,
+                t,
+                Duration::from_secs(20),
+                Duration::from_secs(60),
+            )?;
             tracing::info!(peers = ?t.peer_addrs, "joining the host-staged (TCP) collective");
             DeviceCollective::Host(Box::new(TcpCollective::connect(&group)?))
         }

@@ -33,6 +33,7 @@ use super::gemm::Gemm;
 use super::{driver_err, kernel_err, kv_blocks_for, kv_bytes_per_block, MemoryProfile};
 use crate::checkpoint::{Checkpoint, Param};
 use crate::config::ModelConfig;
+use crate::model::reorder_logits;
 use crate::model::{validate_step, LayerWeights, Local, SeqChunk, ShardSpec, StepInput};
 use crate::WorkerError;
 
@@ -473,7 +474,12 @@ impl CudaModel {
         pass.upload(step)?;
         let plan = pass
             .k
-            .plan_attention(&step.meta, pass.l.heads, self.layout, AttnPlanConfig::default())
+            .plan_attention(
+                &step.meta,
+                pass.l.heads,
+                self.layout,
+                AttnPlanConfig::default(),
+            )
             .map_err(kernel_err("planning attention"))?;
         if let Some(p) = peak_free {
             *p = (*p).min(pass.free_memory()?);
@@ -736,23 +742,6 @@ impl Pass<'_> {
         let gathered = coll.gather_f32(&self.stream, &s.logits.slice(0..m * vocab))?;
         Ok(gathered.map(|g| reorder_logits(&g, tp, m, vocab)))
     }
-}
-
-/// `[tp][m][vocab/tp]` (rank-major, as gathered) → `[m][vocab]`.
-pub fn reorder_logits(g: &[f32], tp: usize, m: usize, local_vocab: usize) -> Vec<f32> {
-    if tp == 1 {
-        return g.to_vec();
-    }
-    let vocab = tp * local_vocab;
-    let mut logits = vec![0f32; m * vocab];
-    for r in 0..tp {
-        for row in 0..m {
-            let src = &g[(r * m + row) * local_vocab..(r * m + row + 1) * local_vocab];
-            logits[row * vocab + r * local_vocab..row * vocab + (r + 1) * local_vocab]
-                .copy_from_slice(src);
-        }
-    }
-    logits
 }
 
 fn alloc_scratch(

@@ -155,12 +155,8 @@ pub fn open(req: &InitRequest, dev: SimDevice, shape: InitShape) -> Result<Opene
     let cfg = model_config(&req.model_path)?;
     let model = StepTimeModel::new(cfg.clone(), dev.gpu.spec(), shape.tp)?;
     let bs = shape.block_size;
-    let mut blocks = model.kv_capacity_blocks(
-        bs,
-        dev.memory_utilization,
-        shape.max_tokens,
-        shape.max_seqs,
-    )?;
+    let mut blocks =
+        model.kv_capacity_blocks(bs, dev.memory_utilization, shape.max_tokens, shape.max_seqs)?;
     if let Some(m) = req.max_kv_blocks {
         blocks = blocks.min(u64::from(m));
     }

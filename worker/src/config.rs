@@ -272,6 +272,13 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// Bytes of KV cache one block of `block_size` tokens takes on one of `tp` ranks:
+    /// K and V, all layers, `elem_bytes` per value (4 for the CPU's f32, 2 for bf16).
+    pub fn kv_bytes_per_block(&self, tp: usize, block_size: usize, elem_bytes: usize) -> u64 {
+        (2 * self.n_layers * (self.n_kv_heads / tp) * block_size * self.head_dim * elem_bytes)
+            as u64
+    }
+
     /// Checks that `tp` ranks can split this model (Megatron-style, by kv heads).
     pub fn check_tp(&self, tp: usize) -> Result<(), WorkerError> {
         if !matches!(tp, 1 | 2 | 4 | 8) {

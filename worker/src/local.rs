@@ -1,6 +1,6 @@
 //! A tensor-parallel group whose ranks are threads of this process, sharing an
-//! in-memory collective: the TP-invariance tests and `stral serve`'s offline
-//! preview run the real sharded math through it.
+//! in-memory collective: the TP-invariance and checkpoint tests (`tests/model.rs`)
+//! and the `cpu_speed` example run the real sharded math through it, without gRPC.
 //!
 //! Costs: one scoped thread per rank per step; the all-reduces are memcpy + sum.
 

@@ -185,7 +185,18 @@ pub struct CpuModel {
 
 impl CpuModel {
     /// Allocates `num_blocks` KV blocks of `block_size` tokens for every layer.
+    /// Panics where memory runs out; `Init` uses [`CpuModel::try_new`].
     pub fn new(weights: RankWeights, num_blocks: usize, block_size: usize) -> Self {
+        Self::try_new(weights, num_blocks, block_size).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`CpuModel::new`], answering an error instead of aborting when the cache
+    /// cannot be allocated.
+    pub fn try_new(
+        weights: RankWeights,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self, WorkerError> {
         let cfg = &weights.config;
         let local = Local::new(cfg, weights.shard);
         let layout = KvLayout {
@@ -194,15 +205,25 @@ impl CpuModel {
             block_size,
             head_dim: cfg.head_dim,
         };
+        let zeros = || -> Result<Vec<f32>, WorkerError> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(layout.len()).map_err(|e| {
+                WorkerError::Config(format!(
+                    "cannot allocate a KV cache of {num_blocks} blocks: {e}"
+                ))
+            })?;
+            v.resize(layout.len(), 0.0);
+            Ok(v)
+        };
         let kv = (0..cfg.n_layers)
-            .map(|_| (vec![0f32; layout.len()], vec![0f32; layout.len()]))
-            .collect();
-        Self {
+            .map(|_| Ok((zeros()?, zeros()?)))
+            .collect::<Result<_, WorkerError>>()?;
+        Ok(Self {
             weights,
             local,
             layout,
             kv,
-        }
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -215,7 +236,7 @@ impl CpuModel {
 
     /// Bytes of KV cache one block takes on this rank (K and V, all layers, f32).
     pub fn kv_bytes_per_block(cfg: &ModelConfig, tp: usize, block_size: usize) -> usize {
-        2 * cfg.n_layers * (cfg.n_kv_heads / tp) * block_size * cfg.head_dim * 4
+        cfg.kv_bytes_per_block(tp, block_size, 4) as usize
     }
 
     /// Rejects a step this rank cannot execute, naming the problem.
@@ -302,20 +323,26 @@ impl CpuModel {
         );
         let tp = coll.world_size();
         let gathered = coll.gather(&local_logits)?;
-        Ok(gathered.map(|g| {
-            // `g` is [tp][m][vocab/tp]; logits are [m][vocab].
-            let mut logits = vec![0f32; m * cfg.vocab_size];
-            for r in 0..tp {
-                for row in 0..m {
-                    let src = &g[(r * m + row) * l.vocab..(r * m + row + 1) * l.vocab];
-                    logits[row * cfg.vocab_size + r * l.vocab
-                        ..row * cfg.vocab_size + (r + 1) * l.vocab]
-                        .copy_from_slice(src);
-                }
-            }
-            logits
-        }))
+        Ok(gathered.map(|g| reorder_logits(&g, tp, m, l.vocab)))
     }
+}
+
+/// Gathered vocab-parallel logits, `[tp][m][vocab/tp]` (rank-major) → `[m][vocab]`
+/// (the CPU and CUDA backends).
+pub fn reorder_logits(g: &[f32], tp: usize, m: usize, local_vocab: usize) -> Vec<f32> {
+    if tp == 1 {
+        return g.to_vec();
+    }
+    let vocab = tp * local_vocab;
+    let mut logits = vec![0f32; m * vocab];
+    for r in 0..tp {
+        for row in 0..m {
+            let src = &g[(r * m + row) * local_vocab..(r * m + row + 1) * local_vocab];
+            logits[row * vocab + r * local_vocab..row * vocab + (r + 1) * local_vocab]
+                .copy_from_slice(src);
+        }
+    }
+    logits
 }
 
 /// Rejects a step a rank with this config and KV layout cannot execute, naming the

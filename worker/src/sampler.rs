@@ -64,6 +64,23 @@ impl Default for SamplingParams {
     }
 }
 
+impl From<&proto::v1::SamplingParams> for SamplingParams {
+    /// The one conversion from the wire: `top_p` 0 (unset) means 1, no seed means a
+    /// random one.
+    fn from(p: &proto::v1::SamplingParams) -> Self {
+        Self {
+            temperature: p.temperature,
+            top_p: if p.top_p == 0.0 { 1.0 } else { p.top_p },
+            top_k: p.top_k,
+            seed: p.seed.unwrap_or_else(|| rand::rng().random()),
+            min_tokens: p.min_tokens,
+            stop_token_ids: p.stop_token_ids.clone(),
+            logprobs: p.logprobs,
+            generated_before: p.generated_before,
+        }
+    }
+}
+
 /// Most alternatives a request may ask logprobs for (OpenAI allows 20).
 pub const MAX_LOGPROBS: u32 = 20;
 

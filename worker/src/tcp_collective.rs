@@ -73,6 +73,33 @@ impl Default for TcpGroup {
     }
 }
 
+impl TcpGroup {
+    /// The group an `Init`'s TCP bootstrap describes for `rank` of `tp`; every rank's
+    /// address must be there.
+    pub fn from_bootstrap(
+        rank: usize,
+        tp: usize,
+        peers: &proto::v1::TcpPeers,
+        connect_timeout: Duration,
+        op_timeout: Duration,
+    ) -> Result<Self, WorkerError> {
+        if peers.peer_addrs.len() != tp {
+            return Err(WorkerError::Config(format!(
+                "TP = {tp} needs TCP peer addresses for all {tp} ranks, got {}",
+                peers.peer_addrs.len()
+            )));
+        }
+        Ok(Self {
+            rank,
+            peers: peers.peer_addrs.clone(),
+            listen: (!peers.listen_addr.is_empty()).then(|| peers.listen_addr.clone()),
+            group_id: peers.group_id,
+            connect_timeout,
+            op_timeout,
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Op {
     AllReduce = 1,

@@ -131,6 +131,9 @@ fn init_request(model: &Path, tp: u32, rank: u32, peers: &[String], group_id: u6
         // Not a whole number of blocks: the remainder is unused.
         kv_cache_bytes: u64::from(NUM_BLOCKS) * per_block + per_block - 1,
         max_kv_blocks: None,
+        // The coordinator's defaults.
+        max_num_batched_tokens: 8192,
+        max_num_seqs: 256,
         ..Default::default()
     }
 }
@@ -720,6 +723,36 @@ async fn bad_init_requests_are_refused_and_the_worker_stays_usable() {
             },
             "block_size",
         ),
+        (
+            InitRequest {
+                max_num_batched_tokens: 0,
+                ..good.clone()
+            },
+            "max_num_batched_tokens (0) and max_num_seqs (256) must both be > 0",
+        ),
+        (
+            InitRequest {
+                max_num_seqs: 0,
+                ..good.clone()
+            },
+            "must both be > 0",
+        ),
+        // More KV cache than the machine holds: refused before anything is allocated.
+        (
+            InitRequest {
+                kv_cache_bytes: 0,
+                max_kv_blocks: Some(u32::MAX),
+                ..good.clone()
+            },
+            "does not fit the",
+        ),
+        (
+            InitRequest {
+                kv_cache_bytes: u64::MAX,
+                ..good.clone()
+            },
+            "does not fit the",
+        ),
     ];
     for (req, expect) in cases {
         let e = c.init(req).await.unwrap_err();
@@ -818,4 +851,146 @@ async fn run_worker_serves_over_tcp() {
     assert!(h.ok && !h.initialized, "{h:?}");
     assert!(!server.is_finished());
     server.abort();
+}
+
+/// A plan of one sequence `id` with `n` new tokens from position 0 and `blocks` new
+/// blocks starting at block `first`.
+fn fresh_seq(id: u64, n: usize, first: u32, blocks: u32) -> ScheduledSeq {
+    ScheduledSeq {
+        seq_id: id,
+        tokens: prompt(n, id as usize),
+        position_start: 0,
+        new_blocks: (first..first + blocks).collect(),
+        sample: true,
+        sampling: Some(greedy()),
+        reset: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_are_bounded_by_the_sizes_init_set_and_the_worker_keeps_serving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = synth(tmp.path());
+    let mut clients = vec![connect(WorkerService::new(test_config())).await];
+    // Device "null" runs the same checks as "cpu" without the math, so a step of
+    // 12000 tokens costs nothing but the plan.
+    let big = InitRequest {
+        device: "null".into(),
+        kv_cache_bytes: 0,
+        max_kv_blocks: Some(4096),
+        max_num_batched_tokens: 12_000,
+        max_num_seqs: 4,
+        ..init_request(&model, 1, 0, &[], 0)
+    };
+    let reply = clients[0].init(big).await.unwrap().into_inner();
+    assert_eq!(reply.num_kv_blocks, 4096);
+    let mut group = Group::open(&mut clients).await;
+    let bs = BLOCK_SIZE as u32;
+    // Over the Init's budgets: 12001 tokens; 5 sequences; a block table longer than
+    // the context needs. Each is an error that changes nothing.
+    let over_tokens = group
+        .run(StepPlan {
+            seqs: vec![fresh_seq(1, 12_000, 0, 3000), fresh_seq(2, 1, 3000, 1)],
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        over_tokens
+            .error
+            .contains("12001 new tokens exceed this worker's max_num_batched_tokens of 12000"),
+        "{}",
+        over_tokens.error
+    );
+    let over_seqs = group
+        .run(StepPlan {
+            seqs: (0..5).map(|i| fresh_seq(10 + i, 1, i as u32, 1)).collect(),
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        over_seqs
+            .error
+            .contains("5 sequences exceed this worker's max_num_seqs of 4"),
+        "{}",
+        over_seqs.error
+    );
+    // 4 tokens fit one block of 4; a table of 3 blocks is refused.
+    let long_table = group
+        .run(StepPlan {
+            seqs: vec![fresh_seq(20, 4, 0, 3)],
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        long_table
+            .error
+            .contains("3 blocks but a context of 4 tokens needs only 1"),
+        "{}",
+        long_table.error
+    );
+    assert!(long_table.tokens.is_empty());
+    // A step of exactly the Init's budget is accepted, and the sequence continues
+    // (nothing of the rejected plans was mirrored: seq 20 is new again).
+    let full = group
+        .run(StepPlan {
+            seqs: vec![fresh_seq(1, 12_000, 0, 12_000 / bs)],
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(full.error, "");
+    assert_eq!(full.tokens.len(), 1);
+    let next = group
+        .run(StepPlan {
+            seqs: vec![
+                ScheduledSeq {
+                    seq_id: 1,
+                    // Null pseudo-tokens lie outside this small vocabulary.
+                    tokens: vec![5],
+                    position_start: 12_000,
+                    new_blocks: vec![12_000 / bs],
+                    sample: true,
+                    sampling: None,
+                    reset: false,
+                },
+                fresh_seq(20, 4, 3001, 1),
+            ],
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(next.error, "");
+    assert_eq!(next.tokens.len(), 2);
+
+    // The CPU backend (real math) under a small budget: over it is refused, at it runs.
+    clients[0]
+        .init(InitRequest {
+            max_num_batched_tokens: 8,
+            max_num_seqs: 2,
+            ..init_request(&model, 1, 0, &[], 0)
+        })
+        .await
+        .unwrap();
+    let mut group = Group::open(&mut clients).await;
+    let over = group
+        .run(StepPlan {
+            seqs: vec![fresh_seq(1, 9, 0, 3)],
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        over.error.contains("max_num_batched_tokens of 8"),
+        "{}",
+        over.error
+    );
+    let ok = group
+        .run(StepPlan {
+            seqs: vec![fresh_seq(1, 8, 0, 2)],
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(ok.error, "");
+    assert_eq!(
+        ok.tokens[0].token_id,
+        reference(&model, &prompt(8, 1), 1)[0],
+        "the accepted step computes the reference's token"
+    );
 }

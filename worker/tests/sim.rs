@@ -49,6 +49,9 @@ fn sim_init(model: &str, device: &str, tp: u32, rank: u32) -> InitRequest {
         block_size: 16,
         // A CPU budget: the sim sizes its cache from the modelled GPU instead.
         kv_cache_bytes: 512 << 20,
+        // The coordinator's defaults.
+        max_num_batched_tokens: 8192,
+        max_num_seqs: 256,
         ..Default::default()
     }
 }

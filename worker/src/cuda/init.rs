@@ -1,5 +1,7 @@
-//! `Init` for a CUDA device: checks the request, opens the GPU (driver probe first),
-//! joins the collective, loads the weights and sizes the KV cache.
+//! `Init` for a CUDA device and the [`CudaBackend`] it produces: checks what only
+//! CUDA needs of the request, opens the GPU (driver probe first), joins the
+//! collective, loads the weights and sizes the KV cache; the checks every backend
+//! shares and the `InitReply` are [`crate::init`]'s.
 //!
 //! Collective choice follows the bootstrap: an NCCL unique id → NCCL (one GPU per
 //! rank); TCP peers → host-staged over [`TcpCollective`] (several ranks may share one
@@ -14,43 +16,73 @@ use std::time::{Duration, Instant};
 
 use kernels::cuda::CudaKernels;
 use proto::v1::collective_bootstrap::Kind;
-use proto::v1::{InitReply, InitRequest};
+use proto::v1::InitRequest;
 
 use super::{kernel_err, kv_bytes_per_block, synthetic_config, CudaDevice, DeviceCollective};
 use super::{CudaModel, CudaModelConfig, WeightSource};
+use crate::backend::{Backend, InitShape, Opened, Step};
 use crate::checkpoint::Checkpoint;
-use crate::config::ModelConfig;
 use crate::model::ShardSpec;
 use crate::tcp_collective::{TcpCollective, TcpGroup};
 use crate::WorkerError;
 
-/// What a CUDA Init produced.
-pub struct CudaInit {
-    pub cfg: ModelConfig,
+/// A CUDA rank: the bf16 model on its GPU and its device-side collective.
+pub struct CudaBackend {
     pub model: Box<CudaModel>,
     pub coll: DeviceCollective,
-    pub reply: InitReply,
+}
+
+impl Backend for CudaBackend {
+    fn validate(&self, step: &Step<'_>) -> Result<(), WorkerError> {
+        self.model.validate(step.input())
+    }
+
+    fn forward(&mut self, step: &Step<'_>) -> Result<Option<Vec<f32>>, WorkerError> {
+        self.model.forward(step.input(), &mut self.coll)
+    }
+
+    fn describe(&self) -> String {
+        format!("ready (cuda: {} KV tokens)", self.model.kv_tokens())
+    }
+}
+
+/// [`load`] for [`crate::init`], with the step sizes it checked.
+pub(crate) fn open(
+    req: &InitRequest,
+    dev: CudaDevice,
+    shape: InitShape,
+) -> Result<Opened, WorkerError> {
+    let b = load(req, dev, shape.max_tokens, shape.max_seqs)?;
+    let cfg = b.model.config().clone();
+    Ok(Opened {
+        num_blocks: b.model.num_blocks() as u64,
+        kv_bytes_per_block: kv_bytes_per_block(&cfg, shape.tp, shape.block_size),
+        backend: Box::new(b),
+        cfg,
+    })
 }
 
 /// Sets up a CUDA rank for `req` on `dev`; `max_tokens` / `max_seqs` size the
-/// largest step (the coordinator's scheduler defaults).
+/// largest step (the Init's `max_num_batched_tokens` / `max_num_seqs`).
 pub fn load(
     req: &InitRequest,
     dev: CudaDevice,
     max_tokens: usize,
     max_seqs: usize,
-) -> Result<CudaInit, WorkerError> {
-    let (tp, rank, bs) = (
+) -> Result<CudaBackend, WorkerError> {
+    let InitShape {
+        tp,
+        rank,
+        block_size: bs,
+        ..
+    } = InitShape::new(
         req.tp_world_size as usize,
         req.rank as usize,
         req.block_size as usize,
-    );
-    if tp == 0 || rank >= tp {
-        return Err(WorkerError::Config(format!(
-            "rank {rank} is outside a TP group of {tp}"
-        )));
-    }
-    if bs == 0 || !bs.is_power_of_two() {
+        max_tokens,
+        max_seqs,
+    )?;
+    if !bs.is_power_of_two() {
         return Err(WorkerError::Config(format!(
             "block_size {bs} must be a power of two on CUDA"
         )));
@@ -71,21 +103,15 @@ pub fn load(
             DeviceCollective::nccl(stream, rank, tp, id)?
         }
         Some(Kind::Tcp(t)) if tp > 1 => {
-            if t.peer_addrs.len() != tp {
-                return Err(WorkerError::Config(format!(
-                    "TP = {tp} needs TCP peer addresses for all {tp} ranks, got {}",
-                    t.peer_addrs.len()
-                )));
-            }
-            tracing::info!(peers = ?t.peer_addrs, "joining the host-staged (TCP) collective");
-            DeviceCollective::Host(Box::new(TcpCollective::connect(&TcpGroup {
+            let group = TcpGroup::from_bootstrap(
                 rank,
-                peers: t.peer_addrs.clone(),
-                listen: (!t.listen_addr.is_empty()).then(|| t.listen_addr.clone()),
-                group_id: t.group_id,
-                connect_timeout: Duration::from_secs(20),
-                op_timeout: Duration::from_secs(60),
-            })?))
+                tp,
+                t,
+                Duration::from_secs(20),
+                Duration::from_secs(60),
+            )?;
+            tracing::info!(peers = ?t.peer_addrs, "joining the host-staged (TCP) collective");
+            DeviceCollective::Host(Box::new(TcpCollective::connect(&group)?))
         }
         _ if tp > 1 => {
             return Err(WorkerError::Config(format!(
@@ -111,25 +137,14 @@ pub fn load(
             CudaModel::new(kernels, WeightSource::Checkpoint(&ckpt), shard, sizing)?
         }
     };
-    let cfg = model.config().clone();
     tracing::info!(
         seconds = format!("{:.1}", t0.elapsed().as_secs_f64()),
         kv_blocks = model.num_blocks(),
         kv_tokens = model.kv_tokens(),
         "CUDA rank ready"
     );
-    let reply = crate::service::init_reply(
-        &cfg,
-        rank,
-        tp,
-        model.num_blocks() as u32,
-        bs,
-        kv_bytes_per_block(&cfg, tp, bs),
-    );
-    Ok(CudaInit {
-        cfg,
+    Ok(CudaBackend {
         model: Box::new(model),
         coll,
-        reply,
     })
 }

@@ -30,8 +30,9 @@ pub mod gemm;
 pub mod init;
 mod model;
 
+pub use crate::model::reorder_logits;
 pub use collective::DeviceCollective;
-pub use model::{pack_layer, reorder_logits, CudaModel, CudaModelConfig, WeightSource};
+pub use model::{pack_layer, CudaModel, CudaModelConfig, WeightSource};
 
 use crate::config::ModelConfig;
 use crate::WorkerError;
@@ -111,7 +112,7 @@ impl CudaDevice {
 
 /// Bytes of KV cache one block takes on a rank: K and V, all layers, bf16.
 pub fn kv_bytes_per_block(cfg: &ModelConfig, tp: usize, block_size: usize) -> u64 {
-    (2 * cfg.n_layers * (cfg.n_kv_heads / tp) * block_size * cfg.head_dim * 2) as u64
+    cfg.kv_bytes_per_block(tp, block_size, 2)
 }
 
 /// What the memory profile measured (bytes).

@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
-use kernels::cuda::{AttnPlanConfig, CudaKernels};
+use kernels::cuda::{AttnPlan, AttnPlanConfig, CudaKernels};
 use kernels::reference::KvLayout;
 
 use super::collective::DeviceCollective;
@@ -33,6 +33,7 @@ use super::gemm::Gemm;
 use super::{driver_err, kernel_err, kv_blocks_for, kv_bytes_per_block, MemoryProfile};
 use crate::checkpoint::{Checkpoint, Param};
 use crate::config::ModelConfig;
+use crate::model::reorder_logits;
 use crate::model::{validate_step, LayerWeights, Local, SeqChunk, ShardSpec, StepInput};
 use crate::WorkerError;
 
@@ -451,24 +452,76 @@ impl CudaModel {
         self.run(step, coll, None)
     }
 
+    /// The forward pass: upload the step, plan attention once, embed, then per layer
+    /// an attention and an MLP block, then the sampled rows' logits. With
+    /// `peak_free`, records the free memory at the peak (the profiling step).
     fn run(
         &mut self,
         step: &StepInput,
         coll: &mut DeviceCollective,
-        mut peak_free: Option<&mut u64>,
+        peak_free: Option<&mut u64>,
     ) -> Result<Option<Vec<f32>>, WorkerError> {
-        let cfg = &self.cfg;
-        let (dim, hd, eps) = (cfg.dim, cfg.head_dim, cfg.norm_eps);
-        let l = self.local;
-        let n = step.tokens.len();
-        let m = step.logit_rows.len();
-        let (qd, kvd) = (l.heads * hd, l.kv_heads * hd);
-        let stream = self.kernels.stream().clone();
-        let k = &self.kernels;
-        let s = &mut self.scratch;
+        let mut pass = Pass {
+            k: &self.kernels,
+            gemm: &mut self.gemm,
+            s: &mut self.scratch,
+            stream: self.kernels.stream().clone(),
+            cfg: &self.cfg,
+            l: self.local,
+            layout: self.layout,
+            n: step.tokens.len(),
+        };
+        pass.upload(step)?;
+        let plan = pass
+            .k
+            .plan_attention(
+                &step.meta,
+                pass.l.heads,
+                self.layout,
+                AttnPlanConfig::default(),
+            )
+            .map_err(kernel_err("planning attention"))?;
+        if let Some(p) = peak_free {
+            *p = (*p).min(pass.free_memory()?);
+        }
         let w = &self.weights;
-        let gemm = &mut self.gemm;
+        pass.embed(w)?;
+        for (i, lw) in w.layers.iter().enumerate() {
+            pass.attention(lw, &mut self.kv[i], &plan, coll)?;
+            let next_norm = w.layers.get(i + 1).map_or(&w.norm, |nl| &nl.attn_norm);
+            pass.mlp(lw, next_norm, coll)?;
+        }
+        let logits = pass.logits(w, step.logit_rows.len(), coll);
+        drop(plan);
+        logits
+    }
+}
+
+/// One step's launches over the borrowed parts of a [`CudaModel`]; every buffer is
+/// used for its first `n` tokens (or `m` rows).
+struct Pass<'a> {
+    k: &'a CudaKernels,
+    gemm: &'a mut Gemm,
+    s: &'a mut Scratch,
+    stream: std::sync::Arc<CudaStream>,
+    cfg: &'a ModelConfig,
+    l: Local,
+    layout: KvLayout,
+    /// Tokens in the step.
+    n: usize,
+}
+
+impl Pass<'_> {
+    fn dims(&self) -> (usize, usize, usize) {
+        let hd = self.cfg.head_dim;
+        (self.cfg.dim, self.l.heads * hd, self.l.kv_heads * hd)
+    }
+
+    /// Token ids, positions, KV slots and logit rows to the device.
+    fn upload(&mut self, step: &StepInput) -> Result<(), WorkerError> {
+        let (n, m, s) = (self.n, step.logit_rows.len(), &mut *self.s);
         let up = driver_err("uploading step metadata");
+        let stream = &self.stream;
         stream
             .memcpy_htod(&step.tokens, &mut s.ids.slice_mut(0..n))
             .map_err(&up)?;
@@ -481,184 +534,214 @@ impl CudaModel {
         stream
             .memcpy_htod(&step.logit_rows, &mut s.rows.slice_mut(0..m))
             .map_err(&up)?;
-        let plan = k
-            .plan_attention(&step.meta, l.heads, self.layout, AttnPlanConfig::default())
-            .map_err(kernel_err("planning attention"))?;
-        if let Some(p) = peak_free.as_deref_mut() {
-            k.synchronize().map_err(kernel_err("profiling"))?;
-            let (free, _) = k
-                .context()
-                .mem_get_info()
-                .map_err(driver_err("reading GPU memory"))?;
-            *p = (*p).min(free as u64);
-        }
+        Ok(())
+    }
+
+    /// Free device memory once everything launched so far has finished.
+    fn free_memory(&self) -> Result<u64, WorkerError> {
+        self.k.synchronize().map_err(kernel_err("profiling"))?;
+        let (free, _) = self
+            .k
+            .context()
+            .mem_get_info()
+            .map_err(driver_err("reading GPU memory"))?;
+        Ok(free as u64)
+    }
+
+    /// `residual` = the token embeddings; `normed` = the first layer's attention norm.
+    fn embed(&mut self, w: &DeviceWeights) -> Result<(), WorkerError> {
+        let (n, (dim, _, _), s) = (self.n, self.dims(), &mut *self.s);
         let ke = kernel_err("forward");
-        k.embedding(
-            &s.ids.slice(0..n),
-            &w.embed,
-            dim,
-            &mut s.residual.slice_mut(0..n * dim),
-        )
-        .map_err(&ke)?;
-        for (i, lw) in w.layers.iter().enumerate() {
-            if i == 0 {
-                k.rms_norm(
+        self.k
+            .embedding(
+                &s.ids.slice(0..n),
+                &w.embed,
+                dim,
+                &mut s.residual.slice_mut(0..n * dim),
+            )
+            .map_err(&ke)?;
+        if let Some(first) = w.layers.first() {
+            self.k
+                .rms_norm(
                     &s.residual.slice(0..n * dim),
-                    &lw.attn_norm,
-                    eps,
+                    &first.attn_norm,
+                    self.cfg.norm_eps,
                     dim,
                     &mut s.normed.slice_mut(0..n * dim),
                 )
                 .map_err(&ke)?;
-            }
-            let normed = s.normed.slice(0..n * dim);
-            gemm.linear(
-                &normed,
-                &lw.wqkv.slice(0..qd * dim),
-                n,
-                dim,
-                qd,
-                &mut s.q.slice_mut(0..n * qd),
-            )?;
-            gemm.linear(
-                &normed,
-                &lw.wqkv.slice(qd * dim..(qd + kvd) * dim),
-                n,
-                dim,
-                kvd,
-                &mut s.k.slice_mut(0..n * kvd),
-            )?;
-            gemm.linear(
-                &normed,
-                &lw.wqkv.slice((qd + kvd) * dim..),
-                n,
-                dim,
-                kvd,
-                &mut s.v.slice_mut(0..n * kvd),
-            )?;
-            drop(normed);
-            k.rope(
-                &mut s.q.slice_mut(0..n * qd),
-                &mut s.k.slice_mut(0..n * kvd),
-                &s.positions.slice(0..n),
-                l.heads,
-                l.kv_heads,
-                hd,
-                cfg.rope_theta,
-            )
-            .map_err(&ke)?;
-            let (kc, vc) = &mut self.kv[i];
-            k.reshape_and_cache(
-                &s.k.slice(0..n * kvd),
-                &s.v.slice(0..n * kvd),
-                kc,
-                vc,
-                &s.slots.slice(0..n),
-                self.layout,
-            )
-            .map_err(&ke)?;
-            k.paged_attention(
-                &s.q.slice(0..n * qd),
-                kc,
-                vc,
-                &plan,
-                &mut s.attn.slice_mut(0..n * qd),
-            )
-            .map_err(&ke)?;
-            gemm.linear(
-                &s.attn.slice(0..n * qd),
-                &lw.wo,
-                n,
-                qd,
-                dim,
-                &mut s.proj.slice_mut(0..n * dim),
-            )?;
-            coll.all_reduce_bf16(&stream, &mut s.proj.slice_mut(0..n * dim))?;
-            k.fused_add_rms_norm(
-                &mut s.residual.slice_mut(0..n * dim),
-                &s.proj.slice(0..n * dim),
-                &lw.ffn_norm,
-                eps,
-                dim,
-                &mut s.normed.slice_mut(0..n * dim),
-            )
-            .map_err(&ke)?;
-            gemm.linear(
-                &s.normed.slice(0..n * dim),
-                &lw.w13,
-                n,
-                dim,
-                2 * l.ffn,
-                &mut s.gate_up.slice_mut(0..n * 2 * l.ffn),
-            )?;
-            k.swiglu(
-                &s.gate_up.slice(0..n * 2 * l.ffn),
-                l.ffn,
-                &mut s.act.slice_mut(0..n * l.ffn),
-            )
-            .map_err(&ke)?;
-            gemm.linear(
-                &s.act.slice(0..n * l.ffn),
-                &lw.w2,
-                n,
-                l.ffn,
-                dim,
-                &mut s.proj.slice_mut(0..n * dim),
-            )?;
-            coll.all_reduce_bf16(&stream, &mut s.proj.slice_mut(0..n * dim))?;
-            let next_norm = w.layers.get(i + 1).map_or(&w.norm, |nl| &nl.attn_norm);
-            k.fused_add_rms_norm(
-                &mut s.residual.slice_mut(0..n * dim),
-                &s.proj.slice(0..n * dim),
-                next_norm,
-                eps,
-                dim,
-                &mut s.normed.slice_mut(0..n * dim),
-            )
-            .map_err(&ke)?;
         }
+        Ok(())
+    }
+
+    /// q, k, v from `normed`; RoPE; the KV write; paged attention; `wo` and its
+    /// all-reduce; then `residual += proj` and `normed` = the FFN norm of it.
+    fn attention(
+        &mut self,
+        lw: &DeviceLayer,
+        (kc, vc): &mut (CudaSlice<bf16>, CudaSlice<bf16>),
+        plan: &AttnPlan,
+        coll: &mut DeviceCollective,
+    ) -> Result<(), WorkerError> {
+        let (n, (dim, qd, kvd), l) = (self.n, self.dims(), self.l);
+        let (k, s, gemm) = (self.k, &mut *self.s, &mut *self.gemm);
+        let ke = kernel_err("forward");
+        let normed = s.normed.slice(0..n * dim);
+        gemm.linear(
+            &normed,
+            &lw.wqkv.slice(0..qd * dim),
+            n,
+            dim,
+            qd,
+            &mut s.q.slice_mut(0..n * qd),
+        )?;
+        gemm.linear(
+            &normed,
+            &lw.wqkv.slice(qd * dim..(qd + kvd) * dim),
+            n,
+            dim,
+            kvd,
+            &mut s.k.slice_mut(0..n * kvd),
+        )?;
+        gemm.linear(
+            &normed,
+            &lw.wqkv.slice((qd + kvd) * dim..),
+            n,
+            dim,
+            kvd,
+            &mut s.v.slice_mut(0..n * kvd),
+        )?;
+        drop(normed);
+        k.rope(
+            &mut s.q.slice_mut(0..n * qd),
+            &mut s.k.slice_mut(0..n * kvd),
+            &s.positions.slice(0..n),
+            l.heads,
+            l.kv_heads,
+            self.cfg.head_dim,
+            self.cfg.rope_theta,
+        )
+        .map_err(&ke)?;
+        k.reshape_and_cache(
+            &s.k.slice(0..n * kvd),
+            &s.v.slice(0..n * kvd),
+            kc,
+            vc,
+            &s.slots.slice(0..n),
+            self.layout,
+        )
+        .map_err(&ke)?;
+        k.paged_attention(
+            &s.q.slice(0..n * qd),
+            kc,
+            vc,
+            plan,
+            &mut s.attn.slice_mut(0..n * qd),
+        )
+        .map_err(&ke)?;
+        gemm.linear(
+            &s.attn.slice(0..n * qd),
+            &lw.wo,
+            n,
+            qd,
+            dim,
+            &mut s.proj.slice_mut(0..n * dim),
+        )?;
+        self.reduce_add_norm(&lw.ffn_norm, coll)
+    }
+
+    /// gate|up, SwiGLU, `w2` and its all-reduce; then `residual += proj` and
+    /// `normed` = `next_norm` of it (the next layer's attention norm, or the final norm).
+    fn mlp(
+        &mut self,
+        lw: &DeviceLayer,
+        next_norm: &CudaSlice<bf16>,
+        coll: &mut DeviceCollective,
+    ) -> Result<(), WorkerError> {
+        let (n, (dim, _, _), ffn) = (self.n, self.dims(), self.l.ffn);
+        let (s, gemm) = (&mut *self.s, &mut *self.gemm);
+        gemm.linear(
+            &s.normed.slice(0..n * dim),
+            &lw.w13,
+            n,
+            dim,
+            2 * ffn,
+            &mut s.gate_up.slice_mut(0..n * 2 * ffn),
+        )?;
+        self.k
+            .swiglu(
+                &s.gate_up.slice(0..n * 2 * ffn),
+                ffn,
+                &mut s.act.slice_mut(0..n * ffn),
+            )
+            .map_err(kernel_err("forward"))?;
+        gemm.linear(
+            &s.act.slice(0..n * ffn),
+            &lw.w2,
+            n,
+            ffn,
+            dim,
+            &mut s.proj.slice_mut(0..n * dim),
+        )?;
+        self.reduce_add_norm(next_norm, coll)
+    }
+
+    /// All-reduces `proj` over the group, adds it to `residual` and norms the sum
+    /// into `normed` with `norm`.
+    fn reduce_add_norm(
+        &mut self,
+        norm: &CudaSlice<bf16>,
+        coll: &mut DeviceCollective,
+    ) -> Result<(), WorkerError> {
+        let (n, dim, s) = (self.n, self.cfg.dim, &mut *self.s);
+        coll.all_reduce_bf16(&self.stream, &mut s.proj.slice_mut(0..n * dim))?;
+        self.k
+            .fused_add_rms_norm(
+                &mut s.residual.slice_mut(0..n * dim),
+                &s.proj.slice(0..n * dim),
+                norm,
+                self.cfg.norm_eps,
+                dim,
+                &mut s.normed.slice_mut(0..n * dim),
+            )
+            .map_err(kernel_err("forward"))
+    }
+
+    /// The `m` logit rows of `normed` through `lm_head`, gathered to rank 0 as
+    /// `[m][vocab]` f32; `None` on other ranks.
+    fn logits(
+        &mut self,
+        w: &DeviceWeights,
+        m: usize,
+        coll: &mut DeviceCollective,
+    ) -> Result<Option<Vec<f32>>, WorkerError> {
+        let (n, (dim, _, _), vocab, s) = (self.n, self.dims(), self.l.vocab, &mut *self.s);
+        let ke = kernel_err("forward");
         if m == 0 {
-            k.synchronize().map_err(&ke)?;
+            self.k.synchronize().map_err(&ke)?;
             return Ok((coll.rank() == 0).then(Vec::new));
         }
         // Row gather: the embedding kernel with `normed` as the table.
-        k.embedding(
-            &s.rows.slice(0..m),
-            &s.normed.slice(0..n * dim),
-            dim,
-            &mut s.selected.slice_mut(0..m * dim),
-        )
-        .map_err(&ke)?;
-        gemm.linear_f32(
+        self.k
+            .embedding(
+                &s.rows.slice(0..m),
+                &s.normed.slice(0..n * dim),
+                dim,
+                &mut s.selected.slice_mut(0..m * dim),
+            )
+            .map_err(&ke)?;
+        self.gemm.linear_f32(
             &s.selected.slice(0..m * dim),
             &w.lm_head,
             m,
             dim,
-            l.vocab,
-            &mut s.logits.slice_mut(0..m * l.vocab),
+            vocab,
+            &mut s.logits.slice_mut(0..m * vocab),
         )?;
         let tp = coll.world_size();
-        let gathered = coll.gather_f32(&stream, &s.logits.slice(0..m * l.vocab))?;
-        drop(plan);
-        Ok(gathered.map(|g| reorder_logits(&g, tp, m, l.vocab)))
+        let gathered = coll.gather_f32(&self.stream, &s.logits.slice(0..m * vocab))?;
+        Ok(gathered.map(|g| reorder_logits(&g, tp, m, vocab)))
     }
-}
-
-/// `[tp][m][vocab/tp]` (rank-major, as gathered) → `[m][vocab]`.
-pub fn reorder_logits(g: &[f32], tp: usize, m: usize, local_vocab: usize) -> Vec<f32> {
-    if tp == 1 {
-        return g.to_vec();
-    }
-    let vocab = tp * local_vocab;
-    let mut logits = vec![0f32; m * vocab];
-    for r in 0..tp {
-        for row in 0..m {
-            let src = &g[(r * m + row) * local_vocab..(r * m + row + 1) * local_vocab];
-            logits[row * vocab + r * local_vocab..row * vocab + (r + 1) * local_vocab]
-                .copy_from_slice(src);
-        }
-    }
-    logits
 }
 
 fn alloc_scratch(

@@ -5,7 +5,7 @@
 //! Owns: the committed GPU coefficient table ([`gpu`], every number with its source
 //! and whether it is datasheet, calibrated on our H100, or an estimate), the
 //! step-time model ([`step_time`]), the `sim:<gpu>[:<memory utilization>]` device
-//! string, config-only model sources (`synthetic:<preset>` or a checkpoint directory
+//! string, [`SimBackend`] and its `Init` ([`open`]), config-only model sources (`synthetic:<preset>` or a checkpoint directory
 //! of which only `params.json`/`config.json` is read), and the precise sleep.
 //!
 //! Invariants: a sim worker never reads or allocates weights or KV; its step times
@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 pub use gpu::{GpuKind, GpuSpec, Provenance};
 pub use step_time::{SeqWork, StepBreakdown, StepTimeModel};
 
+use proto::v1::InitRequest;
+
+use crate::backend::{Backend, InitShape, Opened, Step};
 use crate::config::ModelConfig;
 use crate::WorkerError;
 
@@ -102,6 +105,80 @@ pub fn model_config(source: &str) -> Result<ModelConfig, WorkerError> {
 /// Whether a model source names a preset shape with no weights behind it.
 pub fn is_synthetic(source: &str) -> bool {
     source.starts_with(SYNTHETIC_PREFIX)
+}
+
+/// A sim rank: no math, no weights; each step lasts its modelled GPU time from when
+/// it began, and rank 0 answers pseudo-tokens.
+pub struct SimBackend {
+    model: StepTimeModel,
+    device: String,
+}
+
+impl Backend for SimBackend {
+    fn validate(&self, _: &Step<'_>) -> Result<(), WorkerError> {
+        Ok(())
+    }
+
+    fn forward(&mut self, step: &Step<'_>) -> Result<Option<Vec<f32>>, WorkerError> {
+        let work: Vec<SeqWork> = step
+            .chunks
+            .iter()
+            .map(|c| SeqWork {
+                new_tokens: c.tokens.len() as u32,
+                cached: c.cached as u32,
+                sample: c.sample,
+            })
+            .collect();
+        let us = self.model.step(&work).total_us;
+        sleep_until(step.started + Duration::from_secs_f64(us * 1e-6));
+        Ok(None)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "ready ({}: step times are modelled for that GPU, not measured; pseudo-tokens)",
+            self.device
+        )
+    }
+}
+
+/// `Init` for a `sim:<gpu>` device: the model's shape only, the modelled KV capacity
+/// (the modelled GPU's memory after weights and the activations of the largest step
+/// `shape` allows; `kv_cache_bytes` is a CPU budget and is ignored), no collective.
+pub fn open(req: &InitRequest, dev: SimDevice, shape: InitShape) -> Result<Opened, WorkerError> {
+    if !matches!(req.dtype.as_str(), "" | "bf16") {
+        return Err(WorkerError::Config(format!(
+            "dtype '{}': the sim models bf16 serving",
+            req.dtype
+        )));
+    }
+    let cfg = model_config(&req.model_path)?;
+    let model = StepTimeModel::new(cfg.clone(), dev.gpu.spec(), shape.tp)?;
+    let bs = shape.block_size;
+    let mut blocks =
+        model.kv_capacity_blocks(bs, dev.memory_utilization, shape.max_tokens, shape.max_seqs)?;
+    if let Some(m) = req.max_kv_blocks {
+        blocks = blocks.min(u64::from(m));
+    }
+    if blocks == 0 {
+        return Err(WorkerError::Config("max_kv_blocks must be > 0".into()));
+    }
+    let device = dev.device_string();
+    tracing::info!(
+        %device,
+        model = %req.model_path,
+        tp = shape.tp,
+        rank = shape.rank,
+        kv_blocks = blocks,
+        decode_step_us_batch1 = model.decode_step(1, 512).total_us,
+        "sim worker: no weights loaded; step times are modelled, not measured"
+    );
+    Ok(Opened {
+        kv_bytes_per_block: model.kv_bytes_per_block(bs),
+        backend: Box::new(SimBackend { model, device }),
+        cfg,
+        num_blocks: blocks,
+    })
 }
 
 /// How much of a sleep is spun instead of slept: `thread::sleep` wakes ~50–100 µs

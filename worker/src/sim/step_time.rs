@@ -101,8 +101,7 @@ impl StepTimeModel {
 
     /// bf16 KV bytes of one block of `block_size` tokens on one rank.
     pub fn kv_bytes_per_block(&self, block_size: usize) -> u64 {
-        (2 * self.cfg.n_layers * (self.cfg.n_kv_heads / self.tp) * self.cfg.head_dim * 2) as u64
-            * block_size as u64
+        self.cfg.kv_bytes_per_block(self.tp, block_size, 2)
     }
 
     /// Memory a rank keeps for activations and runtime besides weights and KV: 1 GiB

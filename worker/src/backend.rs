@@ -1,0 +1,163 @@
+//! The [`Backend`] trait: what runs one step's forward pass on a rank, and the two
+//! backends that live on the CPU — [`CpuBackend`] (the f32 reference model with its
+//! collective) and [`NullBackend`] (device "null": no math at all).
+//!
+//! Owns: the contract between a [`crate::rank::Rank`] (which checks plans, mirrors
+//! sequences and samples) and the code that computes. The CUDA backend is
+//! [`crate::cuda::init::CudaBackend`], the sim backend [`crate::sim::SimBackend`];
+//! [`crate::init`] picks one per `Init`. A backend never sees the proto types and
+//! never owns sequence state: it gets a [`Step`] of already-checked chunks.
+//!
+//! Invariant: [`Backend::validate`] changes nothing, so a rejected step leaves the
+//! rank as it was; an error from [`Backend::forward`] means the group may be out of
+//! step (the rank then refuses every plan until the next `Init`).
+
+use std::cell::OnceCell;
+use std::time::Instant;
+
+use crate::collective::Collective;
+use crate::model::{CpuModel, SeqChunk, StepInput};
+use crate::WorkerError;
+
+/// One checked step as a backend sees it: the scheduled chunks in plan order, and
+/// the attention input built from them on first use (null and sim never build it).
+pub struct Step<'a> {
+    pub chunks: Vec<SeqChunk<'a>>,
+    pub block_size: usize,
+    pub sliding_window: Option<u32>,
+    /// When the step began (the sim's modelled time runs from here).
+    pub started: Instant,
+    input: OnceCell<StepInput>,
+}
+
+impl<'a> Step<'a> {
+    pub fn new(
+        chunks: Vec<SeqChunk<'a>>,
+        block_size: usize,
+        sliding_window: Option<u32>,
+        started: Instant,
+    ) -> Self {
+        Self {
+            chunks,
+            block_size,
+            sliding_window,
+            started,
+            input: OnceCell::new(),
+        }
+    }
+
+    /// Tokens, attention metadata and logit rows (built once, O(Σ block-table lengths)).
+    pub fn input(&self) -> &StepInput {
+        self.input
+            .get_or_init(|| StepInput::build(self.block_size, self.sliding_window, &self.chunks))
+    }
+}
+
+/// What computes a rank's steps. Adding a backend: one file implementing this, one
+/// line in [`crate::init`] that opens it.
+pub trait Backend: Send {
+    /// Rejects a step this backend cannot run (shape, sizes it was built for);
+    /// changes nothing.
+    fn validate(&self, step: &Step<'_>) -> Result<(), WorkerError>;
+
+    /// Runs the forward pass of a validated step on this rank. Rank 0 of a backend
+    /// that computes returns `[sampled rows, vocab]` f32 logits; other ranks, and
+    /// backends without math (rank 0 then answers pseudo-tokens), return `None`.
+    fn forward(&mut self, step: &Step<'_>) -> Result<Option<Vec<f32>>, WorkerError>;
+
+    /// The `Health` detail of a ready rank on this backend.
+    fn describe(&self) -> String;
+}
+
+/// The CPU reference forward pass (f32) with its collective (in-process or TCP).
+pub struct CpuBackend {
+    pub model: CpuModel,
+    pub coll: Box<dyn Collective>,
+}
+
+impl Backend for CpuBackend {
+    fn validate(&self, step: &Step<'_>) -> Result<(), WorkerError> {
+        self.model.validate(step.input())
+    }
+
+    fn forward(&mut self, step: &Step<'_>) -> Result<Option<Vec<f32>>, WorkerError> {
+        self.model.forward(step.input(), self.coll.as_mut())
+    }
+
+    fn describe(&self) -> String {
+        "ready".into()
+    }
+}
+
+/// Device "null": plans are checked and mirrored as usual, but no forward pass runs
+/// and rank 0 answers pseudo-tokens; this measures everything but the math.
+pub struct NullBackend;
+
+impl Backend for NullBackend {
+    fn validate(&self, _: &Step<'_>) -> Result<(), WorkerError> {
+        Ok(())
+    }
+
+    fn forward(&mut self, _: &Step<'_>) -> Result<Option<Vec<f32>>, WorkerError> {
+        Ok(None)
+    }
+
+    fn describe(&self) -> String {
+        "ready (null: no math, pseudo-tokens)".into()
+    }
+}
+
+/// What `Init` checked once for every backend: the group and the step sizes.
+#[derive(Clone, Copy, Debug)]
+pub struct InitShape {
+    pub tp: usize,
+    pub rank: usize,
+    /// Tokens per KV block (> 0).
+    pub block_size: usize,
+    /// Most new tokens in one step (> 0): sizes activations and scratch.
+    pub max_tokens: usize,
+    /// Most sequences in one step (> 0): sizes the logits buffers.
+    pub max_seqs: usize,
+}
+
+impl InitShape {
+    /// Checks what every backend needs of an `Init`: a rank inside its group, a
+    /// block size, and step sizes (the coordinator's `max_num_batched_tokens` and
+    /// `max_num_seqs`, both > 0).
+    pub fn new(
+        tp: usize,
+        rank: usize,
+        block_size: usize,
+        max_tokens: usize,
+        max_seqs: usize,
+    ) -> Result<Self, WorkerError> {
+        let bad = |m: String| Err(WorkerError::Config(m));
+        if tp == 0 || rank >= tp {
+            return bad(format!("rank {rank} is outside a TP group of {tp}"));
+        }
+        if block_size == 0 {
+            return bad("block_size must be > 0".into());
+        }
+        if max_tokens == 0 || max_seqs == 0 {
+            return bad(format!(
+                "max_num_batched_tokens ({max_tokens}) and max_num_seqs ({max_seqs}) must both be > 0"
+            ));
+        }
+        Ok(Self {
+            tp,
+            rank,
+            block_size,
+            max_tokens,
+            max_seqs,
+        })
+    }
+}
+
+/// What opening a backend produced, for [`crate::init`] to build the rank and reply.
+pub struct Opened {
+    pub backend: Box<dyn Backend>,
+    pub cfg: crate::ModelConfig,
+    /// KV blocks the coordinator may use on this rank.
+    pub num_blocks: u64,
+    pub kv_bytes_per_block: u64,
+}

@@ -1,0 +1,374 @@
+//! [`Rank`]: one tensor-parallel rank's per-step state over a [`Backend`] — the
+//! mirror of every live sequence (block table, cached-token count, sampler), the
+//! plan checks, and rank 0's sampling. There is one step path for every backend.
+//!
+//! Invariants:
+//! - A plan is checked completely ([`check_plan`]: ids, positions, block ranges and
+//!   coverage, vocabulary, sampling parameters, and the step sizes `Init` set up)
+//!   before anything runs; a rejected plan changes nothing. The checks depend only
+//!   on the plan, the mirrored state and the model, which are the same on every
+//!   rank, so all ranks reject the same plans without talking to each other.
+//! - A failure after the checks (a dead or hung peer, a panic) marks the rank
+//!   failed: it refuses every plan until the next `Init`.
+//!
+//! Costs per step besides the forward pass: O(Σ block-table lengths) to check and
+//! (for backends that compute) build the attention metadata, O(vocab) per sampled
+//! sequence on rank 0 (rows sampled in parallel).
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+
+use proto::v1::{SampledToken, ScheduledSeq, StepPlan, TokenLogprob};
+use rayon::prelude::*;
+
+use crate::backend::{Backend, Step};
+use crate::model::SeqChunk;
+use crate::sampler::{SamplingParams, SeqSampler};
+use crate::{sim, WorkerError};
+
+/// What a rank was set up for: the model's limits and the step sizes of `Init` (not
+/// the coordinator's request limits).
+#[derive(Clone, Copy, Debug)]
+pub struct RankLimits {
+    /// KV blocks the coordinator may use (ids below this).
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub vocab: usize,
+    /// The model's context length (tokens per sequence).
+    pub max_context: usize,
+    pub sliding_window: Option<u32>,
+    /// Most new tokens in one step (`InitRequest.max_num_batched_tokens`).
+    pub max_tokens: usize,
+    /// Most sequences in one step (`InitRequest.max_num_seqs`).
+    pub max_seqs: usize,
+}
+
+/// One rank: its backend and mirrored sequences.
+pub struct Rank {
+    backend: Box<dyn Backend>,
+    rank: u32,
+    limits: RankLimits,
+    seqs: HashMap<u64, SeqState>,
+    /// Why this rank can no longer run steps (the group is out of step).
+    failed: Option<String>,
+}
+
+/// What a worker mirrors of one sequence.
+struct SeqState {
+    block_table: Vec<u32>,
+    /// Tokens in the KV cache.
+    cached: usize,
+    sampler: SeqSampler,
+}
+
+/// One scheduled sequence after its checks: what the step will run.
+struct Checked<'a, 'p> {
+    seq: &'p ScheduledSeq,
+    /// The block table including this step's new blocks.
+    block_table: Cow<'a, [u32]>,
+    cached: usize,
+    /// Set when the sequence starts (first appearance, reset, or freed and reused).
+    fresh: Option<SeqSampler>,
+}
+
+/// What a checked sequence changes in the mirror once its step ran (owned, so the
+/// mirror can be updated).
+struct Commit<'p> {
+    seq: &'p ScheduledSeq,
+    /// The new block table, when it changed.
+    table: Option<Vec<u32>>,
+    /// Tokens cached after the step.
+    cached: usize,
+    fresh: Option<SeqSampler>,
+}
+
+impl<'p> Commit<'p> {
+    fn from_checked(checked: Vec<Checked<'_, 'p>>) -> Vec<Self> {
+        checked
+            .into_iter()
+            .map(|c| Commit {
+                table: match (c.block_table, &c.fresh) {
+                    (Cow::Owned(t), _) => Some(t),
+                    (Cow::Borrowed(t), Some(_)) => Some(t.to_vec()),
+                    (Cow::Borrowed(_), None) => None,
+                },
+                cached: c.cached + c.seq.tokens.len(),
+                seq: c.seq,
+                fresh: c.fresh,
+            })
+            .collect()
+    }
+}
+
+impl Rank {
+    pub fn new(backend: Box<dyn Backend>, rank: u32, limits: RankLimits) -> Self {
+        Self {
+            backend,
+            rank,
+            limits,
+            seqs: HashMap::new(),
+            failed: None,
+        }
+    }
+
+    pub fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    /// The `Health` detail of a ready rank.
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// Why the rank refuses steps, once it failed.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    pub fn fail(&mut self, why: String) {
+        tracing::error!(rank = self.rank, error = %why, "worker group broken");
+        self.failed.get_or_insert(why);
+    }
+
+    /// Checks, runs and commits one plan; rank 0 returns a token per sampled sequence.
+    pub fn step(&mut self, plan: &StepPlan) -> Result<Vec<SampledToken>, WorkerError> {
+        if let Some(why) = &self.failed {
+            return Err(WorkerError::Collective(format!(
+                "the worker group is broken ({why}); re-Init it"
+            )));
+        }
+        let started = std::time::Instant::now();
+        let lim = self.limits;
+        let freed: HashSet<u64> = plan.freed.iter().copied().collect();
+        let checked = check_plan(&self.seqs, &freed, lim, plan)?;
+        crate::fault::crash_if_fed(checked.iter().map(|c| c.seq.tokens.as_slice()));
+        let step = Step::new(
+            checked
+                .iter()
+                .map(|c| SeqChunk {
+                    block_table: &c.block_table,
+                    cached: c.cached,
+                    tokens: &c.seq.tokens,
+                    sample: c.seq.sample,
+                })
+                .collect(),
+            lim.block_size,
+            lim.sliding_window,
+            started,
+        );
+        self.backend.validate(&step)?;
+        let logits = match self.backend.forward(&step) {
+            Ok(l) => l,
+            Err(e) => {
+                drop(step);
+                drop(checked);
+                self.fail(e.to_string());
+                return Err(e);
+            }
+        };
+        drop(step);
+        let sampled = self.commit(Commit::from_checked(checked), &freed);
+        let tokens = match logits {
+            Some(logits) => sample_rows(&self.seqs, &sampled, &logits, lim.vocab)?,
+            None if self.rank == 0 => sampled
+                .iter()
+                .map(|id| SampledToken {
+                    seq_id: *id,
+                    token_id: sim::pseudo_token(*id, self.seqs[id].cached),
+                    logprob: None,
+                    top_logprobs: Vec::new(),
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        for id in &sampled {
+            if let Some(st) = self.seqs.get_mut(id) {
+                st.sampler.advance();
+            }
+        }
+        Ok(tokens)
+    }
+
+    /// The plan ran, so its diffs become the mirrored state; returns the sampled ids
+    /// in plan order.
+    fn commit(&mut self, commits: Vec<Commit<'_>>, freed: &HashSet<u64>) -> Vec<u64> {
+        for id in freed {
+            self.seqs.remove(id);
+        }
+        let mut sampled = Vec::new();
+        for Commit {
+            seq,
+            table,
+            cached,
+            fresh,
+        } in commits
+        {
+            match fresh {
+                Some(sampler) => {
+                    self.seqs.insert(
+                        seq.seq_id,
+                        SeqState {
+                            block_table: table.unwrap_or_default(),
+                            cached,
+                            sampler,
+                        },
+                    );
+                }
+                None => {
+                    let st = self.seqs.get_mut(&seq.seq_id).expect("checked: known");
+                    if let Some(t) = table {
+                        st.block_table = t;
+                    }
+                    st.cached = cached;
+                }
+            }
+            if seq.sample {
+                sampled.push(seq.seq_id);
+            }
+        }
+        sampled
+    }
+}
+
+/// Rank 0: one token per sampled sequence (rows of `logits`, in `ids` order), in
+/// parallel; the samplers are not advanced.
+fn sample_rows(
+    seqs: &HashMap<u64, SeqState>,
+    ids: &[u64],
+    logits: &[f32],
+    vocab: usize,
+) -> Result<Vec<SampledToken>, WorkerError> {
+    if logits.len() != ids.len() * vocab {
+        return Err(WorkerError::Step(format!(
+            "internal: {} logits for {} sampled sequences",
+            logits.len(),
+            ids.len()
+        )));
+    }
+    Ok(ids
+        .par_iter()
+        .zip(logits.par_chunks(vocab))
+        .map(|(id, row)| {
+            let s = seqs[id].sampler.peek(row);
+            SampledToken {
+                seq_id: *id,
+                token_id: s.token,
+                logprob: s.logprob,
+                top_logprobs: s
+                    .top_logprobs
+                    .into_iter()
+                    .map(|(token_id, logprob)| TokenLogprob { token_id, logprob })
+                    .collect(),
+            }
+        })
+        .collect())
+}
+
+/// Checks every scheduled sequence against the mirrored state and the step sizes
+/// `Init` set up, without changing anything.
+fn check_plan<'a, 'p: 'a>(
+    seqs: &'a HashMap<u64, SeqState>,
+    freed: &HashSet<u64>,
+    lim: RankLimits,
+    plan: &'p StepPlan,
+) -> Result<Vec<Checked<'a, 'p>>, WorkerError> {
+    if plan.seqs.len() > lim.max_seqs {
+        return Err(WorkerError::Step(format!(
+            "{} sequences exceed this worker's max_num_seqs of {} (set at Init)",
+            plan.seqs.len(),
+            lim.max_seqs
+        )));
+    }
+    let total: usize = plan.seqs.iter().map(|s| s.tokens.len()).sum();
+    if total > lim.max_tokens {
+        return Err(WorkerError::Step(format!(
+            "{total} new tokens exceed this worker's max_num_batched_tokens of {} (set at Init)",
+            lim.max_tokens
+        )));
+    }
+    let mut seen = HashSet::with_capacity(plan.seqs.len());
+    let mut out = Vec::with_capacity(plan.seqs.len());
+    for s in &plan.seqs {
+        let id = s.seq_id;
+        let err = |m: String| WorkerError::Step(format!("seq {id}: {m}"));
+        if !seen.insert(id) {
+            return Err(err("scheduled twice in one step".into()));
+        }
+        if s.tokens.is_empty() {
+            return Err(err("no new tokens".into()));
+        }
+        if let Some(t) = s.tokens.iter().find(|&&t| t as usize >= lim.vocab) {
+            return Err(err(format!(
+                "token id {t} is outside the vocabulary of {}",
+                lim.vocab
+            )));
+        }
+        if let Some(b) = s.new_blocks.iter().find(|&&b| b as usize >= lim.num_blocks) {
+            return Err(err(format!(
+                "block {b} is outside the KV cache of {} blocks",
+                lim.num_blocks
+            )));
+        }
+        let known = if s.reset || freed.contains(&id) {
+            None
+        } else {
+            seqs.get(&id)
+        };
+        let checked = match known {
+            Some(st) => {
+                if s.position_start as usize != st.cached {
+                    return Err(err(format!(
+                        "position_start {} but the worker has {} tokens cached",
+                        s.position_start, st.cached
+                    )));
+                }
+                let block_table = if s.new_blocks.is_empty() {
+                    Cow::Borrowed(&st.block_table[..])
+                } else {
+                    Cow::Owned([&st.block_table[..], &s.new_blocks[..]].concat())
+                };
+                Checked {
+                    seq: s,
+                    block_table,
+                    cached: st.cached,
+                    fresh: None,
+                }
+            }
+            None => {
+                let params = s.sampling.as_ref().ok_or_else(|| {
+                    err("no sampling params (required on a sequence's first appearance and with reset)".into())
+                })?;
+                let sampler = SeqSampler::new(SamplingParams::from(params), lim.vocab)
+                    .map_err(|e| err(e.to_string()))?;
+                Checked {
+                    seq: s,
+                    block_table: Cow::Borrowed(&s.new_blocks[..]),
+                    cached: s.position_start as usize,
+                    fresh: Some(sampler),
+                }
+            }
+        };
+        let ctx = checked.cached + s.tokens.len();
+        if ctx > lim.max_context {
+            return Err(err(format!(
+                "context {ctx} exceeds the model's {}",
+                lim.max_context
+            )));
+        }
+        let blocks = checked.block_table.len();
+        if blocks * lim.block_size < ctx {
+            return Err(err(format!(
+                "its {blocks} blocks hold {} tokens but the step needs {ctx}",
+                blocks * lim.block_size
+            )));
+        }
+        if blocks > ctx.div_ceil(lim.block_size) {
+            return Err(err(format!(
+                "its block table has {blocks} blocks but a context of {ctx} tokens needs only {}",
+                ctx.div_ceil(lim.block_size)
+            )));
+        }
+        out.push(checked);
+    }
+    Ok(out)
+}

@@ -8,7 +8,7 @@
 # Stages, each under its own time limit (seconds, override with T_<STAGE>=N; the
 # defaults sum to 450 s, so the whole run stays under 8 minutes) so one hang cannot
 # eat the rest; STAGES="tests e2e sanitize bench peer" picks some:
-#   tests     kernels + worker GPU tests (--ignored, STRAL_GPU=1)        -> tests.log
+#   tests     kernels (--include-ignored) + worker (--ignored) GPU tests   -> tests.log
 #   e2e       stral serve --device cuda vs --device cpu over HTTP          -> e2e.log
 #   sanitize  compute-sanitizer --tool memcheck on one short forward       -> sanitizer.log
 #   bench     cuda_step_bench on synthetic:codestral-22b                   -> bench.md
@@ -16,7 +16,8 @@
 # plus nvidia-smi.txt and run.log (setup, per-stage status and times): 7 files.
 #
 # Environment: STRAL_CARRY_BIN=DIR takes the binaries from DIR instead of
-# devcarry/bin (the CPU test points it at debug builds); OUT=DIR for the results.
+# devcarry/bin (the CPU test points it at debug builds); OUT=DIR for the results;
+# STRAL_PYTHON for the python whose NVIDIA wheels hold the libraries (python3).
 # Exit status: 0 all stages passed; 1 some stage failed; 3 no GPU here; 2 bad setup.
 set -uo pipefail
 
@@ -44,39 +45,47 @@ say "binaries: $BIN ($(cat "$HERE/MANIFEST" 2>/dev/null | head -1 || echo 'no MA
 
 # ---- CUDA libraries from the Python wheels (blocker 2) ---------------------------
 # cudarc dlopens libcublasLt.so*, libnccl.so[.13,.12,..,.1] and libnvrtc.so*; the
-# nccl wheel ships only libnccl.so.2, so a private folder holds a libnccl.so link.
-SITE="$(python3 - <<'PY' 2>/dev/null
-import site, sys
+# nccl wheel ships only libnccl.so.2, so a private folder first on LD_LIBRARY_PATH
+# holds a libnccl.so link. Wheel layouts differ (CUDA 13: nvidia/cu13/lib; older:
+# nvidia/cublas/lib, nvidia/cuda_nvrtc/lib; nccl: nvidia/nccl/lib), so we search
+# python's site-packages/nvidia by file name. STRAL_PYTHON picks the python.
+PY="${STRAL_PYTHON:-python3}"
+NV="$("$PY" - <<'PYEOF' 2>/dev/null
+import site
 dirs = site.getsitepackages() + [site.getusersitepackages()]
-print(":".join(d for d in dirs))
-PY
+print(" ".join(d + "/nvidia" for d in dirs))
+PYEOF
 )"
-find_wheel_dir() { # $1 = path under site-packages; prints the first that exists
-  local IFS=:
-  for d in $SITE; do [ -d "$d/$1" ] && { echo "$d/$1"; return 0; }; done
+find_in_wheels() { # $1 = file name glob; prints the folder of the first match
+  local d f
+  for d in $NV; do
+    [ -d "$d" ] || continue
+    f="$(find "$d" -maxdepth 4 -name "$1" 2>/dev/null | sort | head -1)"
+    [ -n "$f" ] && { dirname "$f"; return 0; }
+  done
   return 1
 }
 LIBDIR="$(mktemp -d "${TMPDIR:-/tmp}/stral-libs.XXXXXX")"
 LD_EXTRA="$LIBDIR"
-for sub in nvidia/cublas/lib nvidia/nccl/lib nvidia/cuda_nvrtc/lib nvidia/cuda_runtime/lib; do
-  if d="$(find_wheel_dir "$sub")"; then
-    LD_EXTRA="$LD_EXTRA:$d"
-    say "libs: $d: $(cd "$d" && ls *.so* 2>/dev/null | tr '\n' ' ')"
+for lib in 'libcublasLt.so*' 'libnccl.so*' 'libnvrtc.so*'; do
+  if d="$(find_in_wheels "$lib")"; then
+    case ":$LD_EXTRA:" in *":$d:"*) ;; *) LD_EXTRA="$LD_EXTRA:$d" ;; esac
+    say "libs: $lib in $d: $(cd "$d" && ls $lib | tr '\n' ' ')"
   else
-    say "libs: no $sub in python3's site-packages ($SITE)"
+    say "libs: no $lib in python's wheels (searched: ${NV:-no site-packages})"
   fi
 done
-if d="$(find_wheel_dir nvidia/nccl/lib)" && [ -e "$d/libnccl.so.2" ] && [ ! -e "$d/libnccl.so" ]; then
+if d="$(find_in_wheels 'libnccl.so.2')" && [ ! -e "$d/libnccl.so" ]; then
   ln -sf "$d/libnccl.so.2" "$LIBDIR/libnccl.so"
   say "libs: $LIBDIR/libnccl.so -> $d/libnccl.so.2 (cudarc never asks for .so.2)"
 fi
 export LD_LIBRARY_PATH="$LD_EXTRA${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-if d="$(find_wheel_dir nvidia/cuda_runtime/include)" && [ -e "$d/cuda_bf16.h" ]; then
+if d="$(find_in_wheels cuda_bf16.h)"; then
   export STRAL_CUDA_INCLUDE_DIR="$d"
 elif [ -e /usr/local/cuda/include/cuda_bf16.h ]; then
   export STRAL_CUDA_INCLUDE_DIR=/usr/local/cuda/include
 else
-  say "headers: no cuda_bf16.h in nvidia/cuda_runtime/include or /usr/local/cuda/include"
+  say "headers: no cuda_bf16.h in python's wheels or /usr/local/cuda/include"
 fi
 say "headers: ${STRAL_CUDA_INCLUDE_DIR:-none}; LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
@@ -119,7 +128,7 @@ for stage in $STAGES; do
   case $stage in
     tests)
       run_stage kernels-tests "${T_KERNELS:-60}" "$RES/tests.log" \
-        "$BIN/kernels_cuda_gpu" --ignored --test-threads=1 --nocapture
+        "$BIN/kernels_cuda_gpu" --include-ignored --test-threads=1 --nocapture
       run_stage worker-tests "${T_WORKER:-75}" "$RES/tests.log" \
         "$BIN/worker_cuda_gpu" --ignored --test-threads=1 --nocapture \
         --skip synthetic_codestral_shape_fills_on_the_device ;;

@@ -153,7 +153,11 @@ fn prefix_agreement(a: &str, b: &str) -> f64 {
 #[test]
 #[ignore = "needs a GPU: STRAL_GPU=1"]
 fn serve_on_cuda_matches_cpu_over_http() {
-    assert_eq!(std::env::var("STRAL_GPU").as_deref(), Ok("1"), "needs STRAL_GPU=1");
+    assert_eq!(
+        std::env::var("STRAL_GPU").as_deref(),
+        Ok("1"),
+        "needs STRAL_GPU=1"
+    );
     let dir = tempfile::tempdir_in(common::tmpdir()).unwrap();
     common::synth_model(dir.path(), "mistral");
     let cuda = Server::start(dir.path(), 1, &["--device", "cuda"]);
@@ -162,7 +166,10 @@ fn serve_on_cuda_matches_cpu_over_http() {
     for (path, body) in requests() {
         let g = generate(&cuda, path, &body, false);
         let gs = generate(&cuda, path, &body, true);
-        assert_eq!(g, gs, "{path}: CUDA streamed text differs from non-streamed");
+        assert_eq!(
+            g, gs,
+            "{path}: CUDA streamed text differs from non-streamed"
+        );
         let c = generate(&cpu, path, &body, false);
         let cs = generate(&cpu, path, &body, true);
         assert_eq!(c, cs, "{path}: CPU streamed text differs from non-streamed");

@@ -26,7 +26,13 @@ fn has_nvidia_smi() -> bool {
 fn carry_bin(dir: &Path) -> PathBuf {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
-    for name in ["stral", "cuda_step_bench", "kernels_cuda_gpu", "worker_cuda_gpu", "cuda_serve"] {
+    for name in [
+        "stral",
+        "cuda_step_bench",
+        "kernels_cuda_gpu",
+        "worker_cuda_gpu",
+        "cuda_serve",
+    ] {
         std::os::unix::fs::symlink(common::stral(), bin.join(name)).unwrap();
     }
     bin
@@ -40,7 +46,10 @@ fn device_run(bin: &Path, out: &Path) -> (i32, String) {
         .current_dir(out)
         .output()
         .unwrap();
-    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -55,15 +64,27 @@ fn device_run_stops_at_no_gpu_here_on_a_cpu_machine() {
     std::fs::create_dir_all(&out).unwrap();
     let (code, stderr) = device_run(&bin, &out);
     assert_eq!(code, 3, "{stderr}");
-    assert!(stderr.contains("no GPU here: nvidia-smi not found"), "{stderr}");
+    assert!(
+        stderr.contains("no GPU here: nvidia-smi not found"),
+        "{stderr}"
+    );
     assert!(stderr.contains("binaries: "), "{stderr}");
     assert!(stderr.contains("LD_LIBRARY_PATH="), "{stderr}");
-    assert!(!stderr.contains(": ok ("), "a stage claims to have run: {stderr}");
+    assert!(
+        !stderr.contains(": ok ("),
+        "a stage claims to have run: {stderr}"
+    );
     let log = std::fs::read_to_string(out.join("run.log")).unwrap();
     assert!(log.contains("no GPU here"), "{log}");
-    assert!(log.contains("stral "), "stral --version missing from run.log: {log}");
+    assert!(
+        log.contains("stral "),
+        "stral --version missing from run.log: {log}"
+    );
     let files = std::fs::read_dir(&out).unwrap().count();
-    assert!(files <= 8, "{files} result files (the device tool returns 8)");
+    assert!(
+        files <= 8,
+        "{files} result files (the device tool returns 8)"
+    );
 }
 
 #[test]
@@ -100,8 +121,19 @@ fn the_pytorch_peer_reads_the_synthetic_presets_shapes() {
 
 #[test]
 fn the_device_scripts_parse() {
-    for s in ["worker/scripts/device-run.sh", "worker/scripts/device-pack.sh"] {
-        let o = Command::new("bash").arg("-n").arg(root().join(s)).output().unwrap();
-        assert!(o.status.success(), "{s}: {}", String::from_utf8_lossy(&o.stderr));
+    for s in [
+        "worker/scripts/device-run.sh",
+        "worker/scripts/device-pack.sh",
+    ] {
+        let o = Command::new("bash")
+            .arg("-n")
+            .arg(root().join(s))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{s}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
 }

@@ -95,7 +95,10 @@ fn schedule() -> Vec<(usize, usize)> {
 
 /// Feeds two teacher sequences through `step` on [`schedule`], asking for logits at
 /// every row; returns them position by position (`[positions][vocab]`, rank 0).
-fn teacher_forced(mut step: impl FnMut(&StepInput) -> Option<Vec<f32>>, vocab: usize) -> Vec<Vec<f32>> {
+fn teacher_forced(
+    mut step: impl FnMut(&StepInput) -> Option<Vec<f32>>,
+    vocab: usize,
+) -> Vec<Vec<f32>> {
     let seqs = [teacher(320, 1), teacher(320, 2)];
     let tables: Vec<Vec<u32>> = (0..seqs.len())
         .map(|s| ((s * 32) as u32..(s * 32 + 32) as u32).collect())
@@ -135,13 +138,27 @@ fn compare(what: &str, want: &[Vec<f32>], got: &[Vec<f32>]) -> (f32, f64, f64) {
     assert!(want.len() >= 256, "{what}: only {} positions", want.len());
     let (mut worst, mut sum_abs, mut sum_ref, mut n, mut same) = (0f32, 0f64, 0f64, 0usize, 0usize);
     for (pos, (w, g)) in want.iter().zip(got).enumerate() {
-        assert!(g.iter().all(|v| v.is_finite()), "{what}: non-finite logit at position {pos}");
+        assert!(
+            g.iter().all(|v| v.is_finite()),
+            "{what}: non-finite logit at position {pos}"
+        );
         let range = w.iter().fold(0f32, |m, v| m.max(v.abs()));
         let tol = LOGIT_TOL_ABS + LOGIT_TOL_REL * range;
-        let diff = w.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(diff <= tol, "{what}: position {pos}: max |Δlogit| {diff} > {tol}");
+        let diff = w
+            .iter()
+            .zip(g)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff <= tol,
+            "{what}: position {pos}: max |Δlogit| {diff} > {tol}"
+        );
         worst = worst.max(diff);
-        sum_abs += w.iter().zip(g).map(|(a, b)| (a - b).abs() as f64).sum::<f64>();
+        sum_abs += w
+            .iter()
+            .zip(g)
+            .map(|(a, b)| (a - b).abs() as f64)
+            .sum::<f64>();
         sum_ref += w.iter().map(|a| a.abs() as f64).sum::<f64>();
         n += w.len();
         let (tw, tg) = (argmax(w), argmax(g));
@@ -164,8 +181,14 @@ fn compare(what: &str, want: &[Vec<f32>], got: &[Vec<f32>]) -> (f32, f64, f64) {
         want.len(),
         want.len()
     );
-    assert!(mean <= mean_tol, "{what}: mean |Δlogit| {mean} > {mean_tol}");
-    assert!(top1 >= MIN_TOP1, "{what}: top-1 agreement {top1} < {MIN_TOP1}");
+    assert!(
+        mean <= mean_tol,
+        "{what}: mean |Δlogit| {mean} > {mean_tol}"
+    );
+    assert!(
+        top1 >= MIN_TOP1,
+        "{what}: top-1 agreement {top1} < {MIN_TOP1}"
+    );
     (worst, mean, top1)
 }
 

@@ -33,14 +33,14 @@ echo "[device-pack] building the GPU test binaries" >&2
 nice "$CARGO" test --profile "$PROFILE" --locked --no-run --message-format=json \
   -p kernels --test cuda_gpu -p worker --test cuda_gpu -p stral --test cuda_serve \
   > target/device-pack-tests.json
-python3 - "$DEST/bin" < target/device-pack-tests.json <<'PY'
+python3 - "$DEST/bin" target/device-pack-tests.json <<'PY'
 import json, shutil, sys
 dest = sys.argv[1]
 want = {"kernels/tests/cuda_gpu.rs": "kernels_cuda_gpu", "worker/tests/cuda_gpu.rs": "worker_cuda_gpu",
         "tests/cuda_serve.rs": "cuda_serve"}
 root = __import__("os").getcwd() + "/"
 found = {}
-for line in sys.stdin:
+for line in open(sys.argv[2]):
     try:
         m = json.loads(line)
     except ValueError:

@@ -136,16 +136,23 @@ mod tests {
         // The device run's fix for NCCL: a `libX.so` link to a real `libX.so.N`.
         // libm is on every glibc machine; we load it through such a link.
         let dir = tempfile::tempdir().unwrap();
-        let target = ["/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib64/libm.so.6", "/lib64/libm.so.6"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists());
+        let target = [
+            "/lib/x86_64-linux-gnu/libm.so.6",
+            "/usr/lib64/libm.so.6",
+            "/lib64/libm.so.6",
+        ]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
         let Some(target) = target else {
             panic!("no libm.so.6 in the usual places");
         };
         let link = dir.path().join("libstral_probe.so");
         std::os::unix::fs::symlink(target, &link).unwrap();
         let names = vec![
-            dir.path().join("libstral_probe.so.13").display().to_string(),
+            dir.path()
+                .join("libstral_probe.so.13")
+                .display()
+                .to_string(),
             link.display().to_string(),
         ];
         assert_eq!(probe_names(&names, "").unwrap(), names[1]);
@@ -167,7 +174,10 @@ mod tests {
         for lib in [CudaLib::CublasLt, CudaLib::Nccl] {
             if let Err(e) = probe(lib) {
                 let msg = e.to_string();
-                assert!(msg.contains(&format!("lib{}.so not found", lib.stem())), "{msg}");
+                assert!(
+                    msg.contains(&format!("lib{}.so not found", lib.stem())),
+                    "{msg}"
+                );
                 assert!(msg.contains("LD_LIBRARY_PATH"), "{msg}");
             }
         }

@@ -1,5 +1,10 @@
 //! Shared helpers for the multi-process tests: a real `stral serve` process on a free
 //! loopback port, a small synthetic checkpoint, and a minimal HTTP client.
+//!
+//! Carried test binaries (the GPU machine runs them from another folder, see
+//! `worker/scripts/device-run.sh`) must not depend on the build machine's paths, so
+//! each compile-time path has a run-time override: `STRAL_BIN` for
+//! `CARGO_BIN_EXE_stral`, `STRAL_TEST_TMPDIR` for `CARGO_TARGET_TMPDIR`.
 
 #![allow(dead_code)]
 
@@ -11,8 +16,21 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// The `stral` binary: `$STRAL_BIN`, else the one cargo built for this test.
 pub fn stral() -> &'static str {
-    env!("CARGO_BIN_EXE_stral")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("STRAL_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_stral").to_string())
+    })
+}
+
+/// A folder for test logs and models: `$STRAL_TEST_TMPDIR`, else cargo's.
+pub fn tmpdir() -> PathBuf {
+    let dir = std::env::var_os("STRAL_TEST_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 pub fn free_port() -> u16 {
@@ -55,8 +73,7 @@ impl Server {
     /// [`Server::start`] with extra environment variables (inherited by its workers).
     pub fn start_env(model: &Path, tp: usize, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let port = free_port();
-        let log =
-            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("stral-serve-{port}.log"));
+        let log = tmpdir().join(format!("stral-serve-{port}.log"));
         let child = Command::new(stral())
             .args([
                 "serve",

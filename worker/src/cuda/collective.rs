@@ -49,16 +49,11 @@ fn nccl_err(what: &str) -> impl Fn(cudarc::nccl::result::NcclError) -> WorkerErr
 
 /// Whether libnccl can be loaded (cudarc panics on first use when it cannot).
 pub fn nccl_available() -> bool {
-    // SAFETY: only tries to dlopen the candidate library names.
-    unsafe { cudarc::nccl::sys::is_culib_present() }
+    super::libs::probe(super::libs::CudaLib::Nccl).is_ok()
 }
 
 pub(crate) fn new_unique_id() -> Result<Vec<u8>, WorkerError> {
-    if !nccl_available() {
-        return Err(WorkerError::Config(
-            "NCCL is not installed here (libnccl.so.2 could not be loaded); use the host-staged collective".into(),
-        ));
-    }
+    super::libs::probe(super::libs::CudaLib::Nccl)?;
     let id = Id::new().map_err(nccl_err("unique id"))?;
     Ok(id.internal().iter().map(|&c| c as u8).collect())
 }
@@ -77,11 +72,7 @@ impl DeviceCollective {
         world_size: usize,
         unique_id: &[u8],
     ) -> Result<Self, WorkerError> {
-        if !nccl_available() {
-            return Err(WorkerError::Config(
-                "NCCL bootstrap requested but libnccl.so.2 could not be loaded".into(),
-            ));
-        }
+        super::libs::probe(super::libs::CudaLib::Nccl)?;
         let bytes: [u8; 128] = unique_id.try_into().map_err(|_| {
             WorkerError::Config(format!(
                 "an NCCL unique id has 128 bytes, got {}",

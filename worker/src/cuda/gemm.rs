@@ -92,6 +92,7 @@ fn blas_err(what: &str) -> impl Fn(lt::CublasError) -> WorkerError + '_ {
 impl Gemm {
     /// Workspace: 32 MiB on Hopper, 4 MiB before (NVIDIA's recommendation).
     pub fn new(stream: Arc<CudaStream>, arch: u32) -> Result<Self, WorkerError> {
+        super::libs::probe(super::libs::CudaLib::CublasLt)?; // cudarc panics without it
         let handle = lt::create_handle().map_err(blas_err("create handle"))?;
         let size = if arch >= 90 { 32 << 20 } else { 4 << 20 };
         let workspace = stream

@@ -28,6 +28,7 @@
 pub mod collective;
 pub mod gemm;
 pub mod init;
+pub mod libs;
 mod model;
 
 pub use crate::model::reorder_logits;

@@ -1,7 +1,13 @@
 //! `stral serve`: flags → [`coordinator::serve::ServeConfig`].
+//!
+//! The step limits' defaults (`--max-num-seqs`, `--max-num-batched-tokens`,
+//! `--max-waiting`, `--block-size`) are `scheduler::SchedulerConfig::default()`'s, the
+//! one source of truth. [`ServeArgs::into_config`] checks the flags piece by piece: the
+//! backend, the model, the API keys and names, the ops layer, then the engine.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
@@ -101,16 +107,16 @@ pub struct ServeArgs {
     #[arg(long)]
     metrics_key_label: bool,
     /// Most sequences in one step (and running at once).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = SchedulerConfig::default().max_num_seqs)]
     max_num_seqs: usize,
     /// Token budget of one step (decodes plus prefill chunks).
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, default_value_t = SchedulerConfig::default().max_num_batched_tokens)]
     max_num_batched_tokens: usize,
     /// Requests that may wait for admission before the API answers 429.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = SchedulerConfig::default().max_waiting)]
     max_waiting: usize,
     /// Tokens per KV-cache block.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = SchedulerConfig::default().block_size)]
     block_size: usize,
     /// Fraction of GPU memory a CUDA worker may use (weights, activations, KV cache).
     /// The CPU backend sizes its KV cache from --kv-cache-mib instead.
@@ -174,6 +180,42 @@ enum CollectiveKind {
 impl ServeArgs {
     pub fn into_config(self) -> anyhow::Result<ServeConfig> {
         let cuda = matches!(self.device, Device::Cuda);
+        let sim = self.backend(cuda)?;
+        let model_dir = self.model_dir(sim.is_some())?;
+        self.check_model(&model_dir, sim, cuda)?;
+        let api_keys = self.api_keys()?;
+        let (served_model_names, aliases) = self.model_names();
+        let ops = self.ops(&api_keys, aliases)?;
+        Ok(ServeConfig {
+            listen: SocketAddr::new(self.host, self.port),
+            model_dir,
+            tp: self.tp,
+            device: self.device_string(cuda, sim),
+            nccl_unique_id: (cuda && self.collective == CollectiveKind::Nccl)
+                .then_some(nccl_unique_id as fn() -> Result<Vec<u8>, String>),
+            exe: std::env::current_exe()?,
+            http: HttpConfig {
+                served_model_names,
+                api_keys,
+                protect_metrics: self.protect_metrics,
+                ops,
+            },
+            engine: self.engine_config()?,
+            kv_cache_bytes: self.kv_cache_mib << 20,
+            step_timeout: Duration::from_secs(self.step_timeout_s),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_s),
+            worker_token: self
+                .worker_token_file
+                .as_deref()
+                .map(worker::auth::read_token_file)
+                .transpose()?,
+            workers: self.workers,
+            collective_peers: self.collective_peers,
+        })
+    }
+
+    /// Checks the device and backend flags together; the modelled GPU for `sim`.
+    fn backend(&self, cuda: bool) -> anyhow::Result<Option<worker::sim::SimDevice>> {
         if cuda && !matches!(self.worker_backend, WorkerBackend::Cpu) {
             anyhow::bail!(
                 "--device cuda runs the CUDA backend; --worker-backend is for CPU workers"
@@ -188,7 +230,7 @@ impl ServeArgs {
                 self.gpu_memory_utilization
             );
         }
-        let sim = match (self.worker_backend, self.gpu) {
+        Ok(match (self.worker_backend, self.gpu) {
             (WorkerBackend::Sim, Some(gpu)) => Some(worker::sim::SimDevice {
                 gpu,
                 memory_utilization: self.gpu_memory_utilization,
@@ -198,15 +240,28 @@ impl ServeArgs {
                 "--gpu needs --worker-backend sim (the cpu and null backends measure, they do not model a GPU)"
             ),
             (_, None) => None,
-        };
-        let model_dir = match self.model {
-            Some(d) => d,
-            None if sim.is_some() => PathBuf::from("synthetic:codestral-22b"),
+        })
+    }
+
+    /// `--model`, or the default for the backend (the embedded tiny model, built once).
+    fn model_dir(&self, sim: bool) -> anyhow::Result<PathBuf> {
+        Ok(match &self.model {
+            Some(d) => d.clone(),
+            None if sim => PathBuf::from("synthetic:codestral-22b"),
             None if self.workers.is_some() => {
                 anyhow::bail!("--workers needs --model (the path as the workers see it)")
             }
             None => worker::embedded::ensure_embedded_model()?,
-        };
+        })
+    }
+
+    /// Fails early when the model does not suit the backend or `--tp` (local workers).
+    fn check_model(
+        &self,
+        model_dir: &std::path::Path,
+        sim: Option<worker::sim::SimDevice>,
+        cuda: bool,
+    ) -> anyhow::Result<()> {
         let source = model_dir.to_string_lossy().into_owned();
         if let Some(dev) = sim {
             if self.workers.is_none() {
@@ -232,12 +287,18 @@ impl ServeArgs {
         } else if worker::sim::is_synthetic(&source) {
             anyhow::bail!("--model {source} is a shape without weights: serve it with --worker-backend sim --gpu GPU");
         } else if self.workers.is_none() {
-            let (cfg, _) = worker::ModelConfig::from_dir(&model_dir)?;
+            let (cfg, _) = worker::ModelConfig::from_dir(model_dir)?;
             cfg.check_tp(self.tp)?;
         }
+        Ok(())
+    }
+
+    /// The plain API keys: `--api-key`/STRAL_API_KEYS, then `--api-key-file` (one per
+    /// line; blank lines and `#` comments skipped).
+    fn api_keys(&self) -> anyhow::Result<Vec<String>> {
         let mut api_keys: Vec<String> = self
             .api_keys
-            .into_iter()
+            .iter()
             .map(|k| k.trim().to_string())
             .filter(|k| !k.is_empty())
             .collect();
@@ -251,13 +312,19 @@ impl ServeArgs {
                     .map(String::from),
             );
         }
+        Ok(api_keys)
+    }
+
+    /// `(served names, NAME=SPEC aliases)` from `--served-model-name`: every name is
+    /// served, an alias under its NAME.
+    fn model_names(&self) -> (Vec<String>, Vec<String>) {
         let aliases: Vec<String> = self
             .served_model_names
             .iter()
             .filter(|n| n.contains('='))
             .cloned()
             .collect();
-        let served_model_names = if self.served_model_names.is_empty() {
+        let served = if self.served_model_names.is_empty() {
             DEFAULT_MODEL_NAMES.iter().map(|s| s.to_string()).collect()
         } else {
             self.served_model_names
@@ -270,73 +337,61 @@ impl ServeArgs {
                 })
                 .collect()
         };
+        (served, aliases)
+    }
+
+    /// The ops layer, when a key file, a fallback or an alias asks for it.
+    fn ops(&self, api_keys: &[String], aliases: Vec<String>) -> anyhow::Result<Option<Arc<Ops>>> {
         if self.fallback_ca_file.is_some() && self.fallback_url.is_none() && aliases.is_empty() {
             anyhow::bail!("--fallback-ca-file is for https upstreams: give --fallback-url or an alias with an https:// target");
         }
-        let ops_config = OpsConfig {
-            key_file: self.keys_config,
-            plain_keys: api_keys.clone(),
-            fallback_url: self.fallback_url,
-            fallback_ca_file: self.fallback_ca_file,
-            fallback_api_key: self.fallback_api_key,
+        let config = OpsConfig {
+            key_file: self.keys_config.clone(),
+            plain_keys: api_keys.to_vec(),
+            fallback_url: self.fallback_url.clone(),
+            fallback_ca_file: self.fallback_ca_file.clone(),
+            fallback_api_key: self.fallback_api_key.clone(),
             fallback_ttft_budget: self.fallback_ttft_budget_ms.map(Duration::from_millis),
             max_num_seqs: self.max_num_seqs,
             aliases,
             metrics_key_label: self.metrics_key_label,
             reload_poll: Duration::from_millis(self.keys_reload_poll_ms),
         };
-        let ops = if ops_config.is_active() {
-            Some(Ops::new(ops_config)?)
+        Ok(if config.is_active() {
+            Some(Ops::new(config)?)
         } else {
             None
-        };
-        Ok(ServeConfig {
-            listen: SocketAddr::new(self.host, self.port),
-            model_dir,
-            tp: self.tp,
-            device: match (self.worker_backend, sim) {
-                _ if cuda => worker::cuda::CudaDevice {
-                    ordinal: None,
-                    memory_utilization: self.gpu_memory_utilization,
-                }
-                .device_string(),
-                (_, Some(dev)) => dev.device_string(),
-                (WorkerBackend::Null, _) => "null".into(),
-                _ => "cpu".into(),
+        })
+    }
+
+    /// The device string the workers are started with.
+    fn device_string(&self, cuda: bool, sim: Option<worker::sim::SimDevice>) -> String {
+        match (self.worker_backend, sim) {
+            _ if cuda => worker::cuda::CudaDevice {
+                ordinal: None,
+                memory_utilization: self.gpu_memory_utilization,
+            }
+            .device_string(),
+            (_, Some(dev)) => dev.device_string(),
+            (WorkerBackend::Null, _) => "null".into(),
+            _ => "cpu".into(),
+        }
+    }
+
+    fn engine_config(&self) -> anyhow::Result<EngineConfig> {
+        Ok(EngineConfig {
+            scheduler: SchedulerConfig {
+                block_size: self.block_size,
+                max_num_seqs: self.max_num_seqs,
+                max_num_batched_tokens: self.max_num_batched_tokens,
+                max_waiting: self.max_waiting,
+                ..SchedulerConfig::default()
             },
-            nccl_unique_id: (cuda && self.collective == CollectiveKind::Nccl)
-                .then_some(nccl_unique_id as fn() -> Result<Vec<u8>, String>),
-            workers: self.workers,
-            collective_peers: self.collective_peers,
-            exe: std::env::current_exe()?,
-            http: HttpConfig {
-                served_model_names,
-                api_keys,
-                protect_metrics: self.protect_metrics,
-                ops,
-            },
-            engine: EngineConfig {
-                scheduler: SchedulerConfig {
-                    block_size: self.block_size,
-                    max_num_seqs: self.max_num_seqs,
-                    max_num_batched_tokens: self.max_num_batched_tokens,
-                    max_waiting: self.max_waiting,
-                    ..SchedulerConfig::default()
-                },
-                recovery_timeout: Duration::try_from_secs_f64(self.recovery_timeout).map_err(
-                    |_| anyhow::anyhow!("--recovery-timeout must be a number of seconds ≥ 0"),
-                )?,
-                max_restarts_per_request: self.max_restarts_per_request,
-                ..EngineConfig::default()
-            },
-            kv_cache_bytes: self.kv_cache_mib << 20,
-            step_timeout: Duration::from_secs(self.step_timeout_s),
-            shutdown_grace: Duration::from_secs(self.shutdown_grace_s),
-            worker_token: self
-                .worker_token_file
-                .as_deref()
-                .map(worker::auth::read_token_file)
-                .transpose()?,
+            recovery_timeout: Duration::try_from_secs_f64(self.recovery_timeout).map_err(|_| {
+                anyhow::anyhow!("--recovery-timeout must be a number of seconds ≥ 0")
+            })?,
+            max_restarts_per_request: self.max_restarts_per_request,
+            ..EngineConfig::default()
         })
     }
 }

@@ -15,7 +15,7 @@
 //!   system contents, joined by `"\n\n"`, are prepended to the *last* user turn followed by
 //!   `"\n\n"`; a conversation that does not start with a user turn gets an empty one first.
 //! - Control ids come only from the constants in `crate::tokenizer`, never from text.
-//! - A conversation `mistral_common` rejects is rejected with a typed [`TokenizerError`]
+//! - A conversation `mistral_common` rejects is rejected with a typed [`PromptError`]
 //!   (checked in this order): no messages; a single message that is not user/system; a last
 //!   message that is an assistant without `prefix`; an assistant followed by a system
 //!   message; an empty assistant message; `prefix` anywhere but on the last message (and,
@@ -24,6 +24,40 @@
 //! Costs: one `encode` per turn (FIM: two), O(total text); no other allocation of note.
 
 use crate::tokenizer::{Tokenizer, TokenizerError, BEGIN_INST, BOS, END_INST, EOS, PREFIX, SUFFIX};
+
+/// Why a prompt could not be built: a conversation `mistral_common` rejects (the
+/// client's fault, HTTP 400: see [`PromptError::is_client_error`]), or the tokenizer
+/// failing underneath.
+#[derive(Debug, thiserror::Error)]
+pub enum PromptError {
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("`messages` must contain at least one message")]
+    EmptyConversation,
+    #[error("a conversation of one message must be a user or system message, not {role}")]
+    SingleMessageRole { role: Role },
+    #[error("the last message must be a user message or an assistant message with `prefix: true`")]
+    LastMessageRole,
+    #[error("message {index}: role '{role}' cannot follow role '{previous}'")]
+    RoleOrder {
+        index: usize,
+        previous: Role,
+        role: Role,
+    },
+    #[error("message {index}: an assistant message must have non-empty content")]
+    EmptyAssistant { index: usize },
+    #[error("message {index}: `prefix: true` is only allowed on the last message")]
+    PrefixNotLast { index: usize },
+    #[error("message {index}: `prefix: true` is only allowed on assistant messages")]
+    PrefixNotAssistant { index: usize },
+}
+
+impl PromptError {
+    /// True when the request itself is invalid (a bad conversation), i.e. HTTP 400.
+    pub fn is_client_error(&self) -> bool {
+        !matches!(self, Self::Tokenizer(_))
+    }
+}
 
 /// Joins consecutive same-role messages and the system prompt to a user turn.
 const JOIN: &str = "\n\n";
@@ -105,7 +139,7 @@ pub fn encode_fim(
 pub fn encode_chat(
     tokenizer: &Tokenizer,
     messages: &[ChatMessage],
-) -> Result<Vec<u32>, TokenizerError> {
+) -> Result<Vec<u32>, PromptError> {
     validate(messages)?;
 
     let system: Vec<&str> = messages
@@ -170,20 +204,20 @@ struct Turn {
 }
 
 /// `mistral_common`'s request validation (`MistralRequestValidator`, text-only subset).
-fn validate(messages: &[ChatMessage]) -> Result<(), TokenizerError> {
+fn validate(messages: &[ChatMessage]) -> Result<(), PromptError> {
     match messages {
-        [] => return Err(TokenizerError::EmptyConversation),
+        [] => return Err(PromptError::EmptyConversation),
         [only] if !matches!(only.role, Role::User | Role::System) => {
-            return Err(TokenizerError::SingleMessageRole { role: only.role });
+            return Err(PromptError::SingleMessageRole { role: only.role });
         }
         [_, .., last] if last.role == Role::Assistant && !last.prefix => {
-            return Err(TokenizerError::LastMessageRole);
+            return Err(PromptError::LastMessageRole);
         }
         _ => {}
     }
     for (index, pair) in messages.windows(2).enumerate() {
         if pair[0].role == Role::Assistant && pair[1].role == Role::System {
-            return Err(TokenizerError::RoleOrder {
+            return Err(PromptError::RoleOrder {
                 index: index + 1,
                 previous: pair[0].role,
                 role: pair[1].role,
@@ -193,13 +227,13 @@ fn validate(messages: &[ChatMessage]) -> Result<(), TokenizerError> {
     let last = messages.len() - 1;
     for (index, m) in messages.iter().enumerate() {
         if m.role == Role::Assistant && m.content.is_empty() {
-            return Err(TokenizerError::EmptyAssistant { index });
+            return Err(PromptError::EmptyAssistant { index });
         }
         if m.prefix && m.role != Role::Assistant {
-            return Err(TokenizerError::PrefixNotAssistant { index });
+            return Err(PromptError::PrefixNotAssistant { index });
         }
         if m.prefix && index != last {
-            return Err(TokenizerError::PrefixNotLast { index });
+            return Err(PromptError::PrefixNotLast { index });
         }
     }
     Ok(())
@@ -215,7 +249,7 @@ mod tests {
         TOK.get_or_init(|| Tokenizer::codestral().expect("embedded tokenizer loads"))
     }
 
-    fn chat(messages: &[ChatMessage]) -> Result<Vec<u32>, TokenizerError> {
+    fn chat(messages: &[ChatMessage]) -> Result<Vec<u32>, PromptError> {
         encode_chat(tok(), messages)
     }
 
@@ -275,7 +309,7 @@ mod tests {
 
     #[test]
     fn empty_conversation_is_rejected() {
-        assert!(matches!(chat(&[]), Err(TokenizerError::EmptyConversation)));
+        assert!(matches!(chat(&[]), Err(PromptError::EmptyConversation)));
     }
 
     #[test]
@@ -283,7 +317,7 @@ mod tests {
         for m in [ChatMessage::assistant("a"), prefixed("a")] {
             assert!(matches!(
                 chat(&[m]),
-                Err(TokenizerError::SingleMessageRole {
+                Err(PromptError::SingleMessageRole {
                     role: Role::Assistant
                 })
             ));
@@ -293,7 +327,7 @@ mod tests {
     #[test]
     fn conversation_ending_with_a_closed_assistant_turn_is_rejected() {
         let err = chat(&[ChatMessage::user("q"), ChatMessage::assistant("a")]).unwrap_err();
-        assert!(matches!(err, TokenizerError::LastMessageRole));
+        assert!(matches!(err, PromptError::LastMessageRole));
         assert!(err.is_client_error());
     }
 
@@ -308,7 +342,7 @@ mod tests {
         .unwrap_err();
         assert!(matches!(
             err,
-            TokenizerError::RoleOrder {
+            PromptError::RoleOrder {
                 index: 2,
                 previous: Role::Assistant,
                 role: Role::System
@@ -329,7 +363,7 @@ mod tests {
         ]);
         assert!(matches!(
             err,
-            Err(TokenizerError::EmptyAssistant { index: 1 })
+            Err(PromptError::EmptyAssistant { index: 1 })
         ));
     }
 
@@ -342,7 +376,7 @@ mod tests {
         ]);
         assert!(matches!(
             not_last,
-            Err(TokenizerError::PrefixNotLast { index: 1 })
+            Err(PromptError::PrefixNotLast { index: 1 })
         ));
         let on_user = chat(&[ChatMessage {
             prefix: true,
@@ -350,7 +384,7 @@ mod tests {
         }]);
         assert!(matches!(
             on_user,
-            Err(TokenizerError::PrefixNotAssistant { index: 0 })
+            Err(PromptError::PrefixNotAssistant { index: 0 })
         ));
     }
 

@@ -63,10 +63,11 @@ const UNK_SURFACE: &str = " \u{2047} ";
 
 static CODESTRAL_JSON: &[u8] = include_bytes!("../assets/tokenizer.json");
 
-/// Everything that can go wrong turning text into prompts and tokens back into text.
+/// Everything that can go wrong loading the tokenizer and turning text into tokens.
 ///
-/// The chat variants are the client's fault (HTTP 400, see [`TokenizerError::is_client_error`]);
-/// `Read`, `Load` and `ControlToken` happen at startup; `Encode` is internal.
+/// None of these is the client's fault: `Read`, `Load` and `ControlToken` happen at
+/// startup; `Encode` is internal. (A conversation the chat template rejects is a
+/// `crate::prompt::PromptError`.)
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     #[error("cannot read tokenizer file {path}: {source}")]
@@ -84,34 +85,6 @@ pub enum TokenizerError {
     },
     #[error("encoding failed: {0}")]
     Encode(String),
-    #[error("`messages` must contain at least one message")]
-    EmptyConversation,
-    #[error("a conversation of one message must be a user or system message, not {role}")]
-    SingleMessageRole { role: crate::prompt::Role },
-    #[error("the last message must be a user message or an assistant message with `prefix: true`")]
-    LastMessageRole,
-    #[error("message {index}: role '{role}' cannot follow role '{previous}'")]
-    RoleOrder {
-        index: usize,
-        previous: crate::prompt::Role,
-        role: crate::prompt::Role,
-    },
-    #[error("message {index}: an assistant message must have non-empty content")]
-    EmptyAssistant { index: usize },
-    #[error("message {index}: `prefix: true` is only allowed on the last message")]
-    PrefixNotLast { index: usize },
-    #[error("message {index}: `prefix: true` is only allowed on assistant messages")]
-    PrefixNotAssistant { index: usize },
-}
-
-impl TokenizerError {
-    /// True when the request itself is invalid (a bad conversation), i.e. HTTP 400.
-    pub fn is_client_error(&self) -> bool {
-        !matches!(
-            self,
-            Self::Read { .. } | Self::Load(_) | Self::ControlToken { .. } | Self::Encode(_)
-        )
-    }
 }
 
 /// How one id renders in SentencePiece's `decode`.
@@ -419,6 +392,6 @@ mod tests {
             matches!(err, TokenizerError::ControlToken { id: 0, .. }),
             "{err}"
         );
-        assert!(!err.is_client_error());
+        assert!(!crate::prompt::PromptError::from(err).is_client_error());
     }
 }

@@ -4,8 +4,8 @@
 //! No Python runs here.
 
 use coordinator::detok::{Detokenizer, DetokenizerConfig};
-use coordinator::prompt::{encode_chat, encode_fim, ChatMessage};
-use coordinator::tokenizer::{Tokenizer, TokenizerError};
+use coordinator::prompt::{encode_chat, encode_fim, ChatMessage, PromptError};
+use coordinator::tokenizer::Tokenizer;
 use serde::Deserialize;
 use std::sync::OnceLock;
 
@@ -122,13 +122,13 @@ fn fim_prompts_are_token_exact() {
 }
 
 /// `mistral_common`'s exception class for each of our rejection variants.
-fn mistral_common_exception(err: &TokenizerError) -> &'static str {
+fn mistral_common_exception(err: &PromptError) -> &'static str {
     match err {
-        TokenizerError::EmptyConversation
-        | TokenizerError::SingleMessageRole { .. }
-        | TokenizerError::LastMessageRole
-        | TokenizerError::RoleOrder { .. } => "InvalidMessageStructureException",
-        TokenizerError::EmptyAssistant { .. } | TokenizerError::PrefixNotLast { .. } => {
+        PromptError::EmptyConversation
+        | PromptError::SingleMessageRole { .. }
+        | PromptError::LastMessageRole
+        | PromptError::RoleOrder { .. } => "InvalidMessageStructureException",
+        PromptError::EmptyAssistant { .. } | PromptError::PrefixNotLast { .. } => {
             "InvalidAssistantMessageException"
         }
         _ => "not a mistral_common rejection",

@@ -12,14 +12,9 @@ use tokio::sync::mpsc;
 /// Identifier of a request inside the engine.
 pub type RequestId = u64;
 
-/// Scheduling class (ARCHITECTURE §4): interactive FIM before chat before batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub enum Priority {
-    #[default]
-    Interactive,
-    Chat,
-    Batch,
-}
+/// Scheduling class (ARCHITECTURE §4) and why a request ended: the scheduler's own
+/// types, so the engine passes them through without a mapping.
+pub use scheduler::{FinishReason, Priority};
 
 /// How rank 0 picks each token.
 #[derive(Clone, Debug, PartialEq)]
@@ -63,15 +58,6 @@ pub struct GenerateRequest {
     pub stop_token_ids: Vec<u32>,
 }
 
-/// Why a request ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FinishReason {
-    /// A stop token (or, decided by the caller, a stop string).
-    Stop,
-    /// `max_tokens` or the context limit.
-    Length,
-}
-
 /// One sampled token with its optional log-probabilities.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TokenEvent {
@@ -91,8 +77,7 @@ pub enum EngineEvent {
     Token(TokenEvent),
     Finished {
         reason: FinishReason,
-        prompt_tokens: u32,
-        completion_tokens: u32,
+        /// Prompt tokens the prefix cache served.
         cached_tokens: u32,
     },
     Failed(EngineError),

@@ -17,9 +17,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::api::{EngineError, EngineEvent, FinishReason, GenerateRequest, RequestId, TokenEvent};
-use super::executor::{ExecError, Executor, GroupFacts, Sampled, SeqWork, WorkPlan};
+use super::executor::{ExecError, Executor, GroupFacts, Sampled, PlannedSeq, WorkPlan};
 use super::{Command, EngineHandle, Shared, StepPhases};
-use crate::metrics::Histogram;
+use crate::histogram::Histogram;
 
 /// Engine settings (the scheduler's own live in [`SchedulerConfig`]).
 #[derive(Clone, Debug)]
@@ -197,7 +197,7 @@ struct Engine<E: Executor> {
     pending: Vec<(RequestId, EngineEvent)>,
     outbox: Outbox,
     /// Requests the last step finished, not yet told.
-    finished: Vec<(RequestId, scheduler::FinishReason)>,
+    finished: Vec<(RequestId, FinishReason)>,
     steps: u64,
     /// Sequences of the step submitted last (what a crash is blamed on).
     in_flight: Vec<RequestId>,
@@ -426,7 +426,7 @@ impl<E: Executor> Engine<E> {
         let mut tokens = live.request.prompt.clone();
         tokens.extend_from_slice(&live.output);
         let left = (live.request.max_tokens as usize).saturating_sub(live.output.len());
-        let priority = to_sched_priority(live.request.priority);
+        let priority = live.request.priority;
         match sched.add(id, tokens, left.max(1), priority, self.now()) {
             Ok(()) => {
                 self.shared.requests_recovered.fetch_add(1, Ordering::Relaxed);
@@ -573,7 +573,7 @@ impl<E: Executor> Engine<E> {
                         id,
                         request.prompt.clone(),
                         request.max_tokens as usize,
-                        to_sched_priority(request.priority),
+                        request.priority,
                         self.now(),
                     )
                     .map_err(|e| map_admission(e, sched));
@@ -610,7 +610,7 @@ impl<E: Executor> Engine<E> {
             if s.reset && live.cached.is_none() {
                 live.cached = Some(s.position as u32);
             }
-            work.seqs.push(SeqWork {
+            work.seqs.push(PlannedSeq {
                 seq_id: s.seq_id,
                 tokens: plan.tokens(s).to_vec(),
                 position: s.position as u32,
@@ -674,16 +674,10 @@ impl<E: Executor> Engine<E> {
         self.publish_stats(sched);
         for (id, reason) in self.finished.drain(..) {
             if let Some(live) = self.requests.remove(&id) {
-                let reason = match reason {
-                    scheduler::FinishReason::Stopped => FinishReason::Stop,
-                    scheduler::FinishReason::Length => FinishReason::Length,
-                };
                 self.outbox.push(
                     &live.events,
                     EngineEvent::Finished {
                         reason,
-                        prompt_tokens: live.request.prompt.len() as u32,
-                        completion_tokens: live.generated,
                         cached_tokens: live.cached.unwrap_or(0),
                     },
                 );
@@ -706,14 +700,6 @@ impl<E: Executor> Engine<E> {
         st.preemptions = c.preemptions;
         st.worker_restarts = self.shared.worker_restarts.load(Ordering::Relaxed);
         st.requests_recovered = self.shared.requests_recovered.load(Ordering::Relaxed);
-    }
-}
-
-fn to_sched_priority(p: super::api::Priority) -> scheduler::Priority {
-    match p {
-        super::api::Priority::Interactive => scheduler::Priority::Interactive,
-        super::api::Priority::Chat => scheduler::Priority::Chat,
-        super::api::Priority::Batch => scheduler::Priority::Batch,
     }
 }
 

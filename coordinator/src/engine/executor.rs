@@ -12,7 +12,7 @@ use super::api::SamplingParams;
 
 /// One sequence's part of a step.
 #[derive(Clone, Debug, PartialEq)]
-pub struct SeqWork {
+pub struct PlannedSeq {
     pub seq_id: u64,
     pub tokens: Vec<u32>,
     /// Tokens of this sequence already in the KV cache.
@@ -34,7 +34,7 @@ pub struct SeqWork {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct WorkPlan {
     pub step: u64,
-    pub seqs: Vec<SeqWork>,
+    pub seqs: Vec<PlannedSeq>,
     /// Sequences whose blocks were freed: workers drop their mirrored state.
     pub freed: Vec<u64>,
 }
@@ -55,7 +55,6 @@ pub struct GroupFacts {
     pub num_blocks: usize,
     pub block_size: usize,
     pub max_context: usize,
-    pub vocab_size: usize,
     pub sliding_window: Option<u32>,
 }
 

@@ -238,7 +238,6 @@ impl Executor for GrpcExecutor {
                 .unwrap_or(0),
             block_size: replies[0].block_size as usize,
             max_context: model.max_position_embeddings as usize,
-            vocab_size: model.vocab_size as usize,
             sliding_window: model.sliding_window,
         };
         if facts.num_blocks < 2 {

@@ -31,7 +31,7 @@ pub use api::{
 pub use core::{run_engine, EngineConfig};
 pub use executor::{ExecError, Executor, GroupFacts, StepOutput};
 
-use crate::metrics::Histogram;
+use crate::histogram::Histogram;
 
 /// A snapshot of the engine's state for metrics and admission decisions.
 #[derive(Clone, Debug, Default)]
@@ -153,11 +153,6 @@ impl EngineHandle {
             rx,
             abort: Some(Arc::new(move |id| drop(commands.send(Command::Abort(id))))),
         })
-    }
-
-    /// Aborts a request by id (no-op when it already ended).
-    pub fn abort(&self, id: RequestId) {
-        let _ = self.shared.commands.send(Command::Abort(id));
     }
 
     pub fn stats(&self) -> EngineStats {

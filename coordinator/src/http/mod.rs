@@ -9,7 +9,6 @@
 //! aborts the sequence. Cost per token: one detokenizer push and, when streaming, one
 //! JSON chunk.
 
-pub mod error;
 pub mod schema;
 mod logprobs;
 
@@ -24,24 +23,23 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use futures::stream::{self, Stream};
 use serde_json::{json, Value};
 
-pub use error::AppError;
+pub use crate::error::{AppError, MAX_BODY_BYTES};
 use schema::{ChatRequest, CompletionRequest, FimRequest, Generation, PromptField};
 
 use crate::detok::{Detokenizer, DetokenizerConfig};
 use crate::engine::{
     EngineEvent, EngineHandle, FinishReason, GenerateRequest, Priority, RequestStream,
 };
+use crate::error::FailedBeforeServing;
 use crate::metrics::Metrics;
+use crate::ops::{Admission, Caller, Ticket};
 use crate::prompt::{encode_chat, encode_fim};
 use crate::tokenizer::{Tokenizer, EOS};
 use logprobs::LoggedToken;
-
-/// Largest request body accepted (413 above it).
-pub const MAX_BODY_BYTES: usize = 4 << 20;
 
 /// Model names served when none are configured: Mistral-configured IDE clients send these.
 pub const DEFAULT_MODEL_NAMES: [&str; 3] = ["codestral-latest", "codestral-2405", "stral"];
@@ -145,7 +143,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/fim/completions", post(fim_completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
-        .route("/v1/usage", get(crate::ops::usage_report))
+        .route("/v1/usage", get(usage_report))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     let metrics = if state.config.protect_metrics {
         Router::new()
@@ -170,13 +168,21 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if let Some(ops) = state.config.ops.clone() {
-        return crate::ops::gate(state, ops, req, next).await;
+        return crate::ops::gate(state.engine.clone(), ops, req, next).await;
     }
     if state.authorized(req.headers()) {
         next.run(req).await
     } else {
         AppError::Unauthorized.into_response()
     }
+}
+
+/// `GET /v1/usage`: per-key and per-team usage (admin keys only; `crate::ops`).
+async fn usage_report(
+    State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
+) -> Result<Json<Value>, AppError> {
+    crate::ops::usage_report(state.config.ops.as_deref(), caller.map(|Extension(c)| c)).map(Json)
 }
 
 async fn health() -> Json<Value> {
@@ -255,6 +261,9 @@ struct Job {
     strip_leading_space: bool,
 }
 
+/// The ops gate's admission ticket, when the request passed the gate (`crate::ops`).
+type GateTicket = Option<Extension<Ticket>>;
+
 /// Parses the body as JSON into `T`, turning every failure into a 400/413.
 fn parse<T: serde::de::DeserializeOwned>(
     body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
@@ -264,6 +273,7 @@ fn parse<T: serde::de::DeserializeOwned>(
 
 async fn fim_completions(
     State(state): State<Arc<AppState>>,
+    ticket: GateTicket,
     body: Result<Json<FimRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let endpoint = "fim";
@@ -285,11 +295,12 @@ async fn fim_completions(
         })
     }
     .await;
-    respond(state, endpoint, result).await
+    respond(state, endpoint, ticket, result).await
 }
 
 async fn chat_completions(
     State(state): State<Arc<AppState>>,
+    ticket: GateTicket,
     body: Result<Json<ChatRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let endpoint = "chat";
@@ -313,11 +324,12 @@ async fn chat_completions(
         })
     }
     .await;
-    respond(state, endpoint, result).await
+    respond(state, endpoint, ticket, result).await
 }
 
 async fn completions(
     State(state): State<Arc<AppState>>,
+    ticket: GateTicket,
     body: Result<Json<CompletionRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let endpoint = "completions";
@@ -368,7 +380,7 @@ async fn completions(
         })
     }
     .await;
-    respond(state, endpoint, result).await
+    respond(state, endpoint, ticket, result).await
 }
 
 fn top_logprobs_count(n: Option<i64>) -> Result<u32, AppError> {
@@ -385,10 +397,11 @@ fn top_logprobs_count(n: Option<i64>) -> Result<u32, AppError> {
 async fn respond(
     state: Arc<AppState>,
     endpoint: &'static str,
+    ticket: GateTicket,
     job: Result<Job, AppError>,
 ) -> Response {
     let resp = match job {
-        Ok(job) => run(&state, job)
+        Ok(job) => run(&state, ticket.map(|Extension(t)| t), job)
             .await
             .unwrap_or_else(IntoResponse::into_response),
         Err(e) => e.into_response(),
@@ -399,7 +412,7 @@ async fn respond(
     resp
 }
 
-async fn run(state: &Arc<AppState>, job: Job) -> Result<Response, AppError> {
+async fn run(state: &Arc<AppState>, ticket: Option<Ticket>, job: Job) -> Result<Response, AppError> {
     let arrival = Instant::now();
     let limit = state.engine.max_context();
     let room = limit.saturating_sub(job.prompt.len());
@@ -429,7 +442,10 @@ async fn run(state: &Arc<AppState>, job: Job) -> Result<Response, AppError> {
         priority: job.generation.priority,
         stop_token_ids: vec![EOS],
     };
-    let admission = crate::ops::admit_current(job.prompt.len(), max_tokens)?;
+    let admission = match ticket {
+        Some(t) => t.admit(job.prompt.len(), max_tokens)?,
+        None => None,
+    };
     let stream = state.engine.submit(request).await?;
     state
         .metrics
@@ -490,7 +506,7 @@ struct Run {
     /// Prompt tokens the prefix cache served; known from the first token on.
     cached_tokens: Option<u32>,
     /// Per-key accounting (`crate::ops`): generated tokens are charged as they stream.
-    admission: Option<crate::ops::Admission>,
+    admission: Option<Admission>,
     logprobs: bool,
     /// Characters of text the legacy logprobs' `text_offset` has covered so far.
     text_offset: usize,
@@ -553,7 +569,7 @@ impl Run {
                 let delta = self.detok.push(token.id);
                 if delta.stop.is_some() {
                     // A stop string: end here; dropping the stream later aborts the sequence.
-                    Ok(self.end(delta.text, FinishReason::Stop))
+                    Ok(self.end(delta.text, FinishReason::Stopped))
                 } else {
                     Ok(Step::Text {
                         text: delta.text,
@@ -564,7 +580,6 @@ impl Run {
             Some(EngineEvent::Finished {
                 reason,
                 cached_tokens,
-                ..
             }) => {
                 self.cached_tokens = Some(cached_tokens);
                 let tail = self.detok.finish().text;
@@ -615,7 +630,7 @@ impl Run {
 
 fn finish_str(r: FinishReason) -> &'static str {
     match r {
-        FinishReason::Stop => "stop",
+        FinishReason::Stopped => "stop",
         FinishReason::Length => "length",
     }
 }
@@ -663,9 +678,13 @@ enum SseState {
 }
 
 fn stream_response(run: Run, include_usage: bool) -> Response {
+    let failed_early = FailedBeforeServing::default();
+    let marker = failed_early.clone();
     let events = stream::unfold(
         SseState::Running(Box::new(run), include_usage),
-        |state| async move {
+        move |state| {
+            let marker = marker.clone();
+            async move {
             let SseState::Running(mut run, include_usage) = state else {
                 return None;
             };
@@ -689,6 +708,10 @@ fn stream_response(run: Run, include_usage: bool) -> Response {
                     return Some((done, SseState::Done));
                 }
                 Err(e) => {
+                    // Nothing sent yet (no token event) → the ops gate may retry upstream.
+                    if run.completion_tokens == 0 {
+                        marker.mark();
+                    }
                     // Headers are already sent: report the error in-band, then close.
                     let err = stream::iter(vec![
                         Ok(Event::default().data(json!({"error": e.body()}).to_string())),
@@ -701,6 +724,7 @@ fn stream_response(run: Run, include_usage: bool) -> Response {
                 stream::iter(vec![Ok(Event::default().data(event.to_string()))]),
                 next,
             ))
+            }
         },
     );
     let flat: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> =
@@ -710,6 +734,7 @@ fn stream_response(run: Run, include_usage: bool) -> Response {
         .into_response();
     resp.headers_mut()
         .insert("x-accel-buffering", header::HeaderValue::from_static("no"));
+    resp.extensions_mut().insert(failed_early);
     resp
 }
 

@@ -6,7 +6,7 @@
 
 use serde::Deserialize;
 
-use super::error::AppError;
+use crate::error::AppError;
 use crate::engine::{Priority, SamplingParams};
 use crate::prompt::{ChatMessage, Role};
 
@@ -137,6 +137,33 @@ impl SamplingFields {
         priority: Priority,
         logprobs: Option<u32>,
     ) -> Result<Generation, AppError> {
+        let (temperature, top_p, top_k) = self.sampler_knobs(default_temperature)?;
+        let (max_tokens, min_tokens) = self.token_bounds()?;
+        self.reject_unsupported()?;
+        let stop = self.stop_strings()?;
+        Ok(Generation {
+            sampling: SamplingParams {
+                temperature,
+                top_p,
+                top_k,
+                seed: self.random_seed.or(self.seed),
+                min_tokens,
+                logprobs,
+            },
+            max_tokens,
+            stop,
+            stream: self.stream.unwrap_or(false),
+            include_usage_in_stream: self
+                .stream_options
+                .as_ref()
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+            priority,
+        })
+    }
+
+    /// `(temperature, top_p, top_k)`, range-checked, in the sampler's terms.
+    fn sampler_knobs(&self, default_temperature: f32) -> Result<(f32, f32, u32), AppError> {
         let temperature = self.temperature.unwrap_or(f64::from(default_temperature));
         if !(0.0..=2.0).contains(&temperature) || !temperature.is_finite() {
             return Err(AppError::bad_param(
@@ -155,34 +182,26 @@ impl SamplingFields {
         let top_p = (top_p as f32).max(f32::MIN_POSITIVE);
         let top_k = match self.top_k {
             None | Some(-1) | Some(0) => 0,
-            Some(k) if (1..=u32::MAX as i64).contains(&k) => k as u32,
-            Some(k) => {
-                return Err(AppError::bad_param(
-                    "top_k",
-                    format!("top_k must be a positive integer (or 0/-1 to disable), got {k}"),
-                ))
-            }
+            Some(k) => u32_in(k, 1, "top_k", || {
+                format!("top_k must be a positive integer (or 0/-1 to disable), got {k}")
+            })?,
         };
-        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
-            None => None,
-            Some(m) if (1..=u32::MAX as i64).contains(&m) => Some(m as u32),
-            Some(m) => {
-                return Err(AppError::bad_param(
-                    "max_tokens",
-                    format!("max_tokens must be at least 1, got {m}"),
-                ))
-            }
-        };
-        let min_tokens = match self.min_tokens {
-            None => 0,
-            Some(m) if (0..=u32::MAX as i64).contains(&m) => m as u32,
-            Some(m) => {
-                return Err(AppError::bad_param(
-                    "min_tokens",
-                    format!("min_tokens must be non-negative, got {m}"),
-                ))
-            }
-        };
+        Ok((temperature as f32, top_p, top_k))
+    }
+
+    /// `(max_tokens, min_tokens)`: `max_completion_tokens` wins over `max_tokens`, and
+    /// `min_tokens` may not exceed it.
+    fn token_bounds(&self) -> Result<(Option<u32>, u32), AppError> {
+        let max_tokens = self
+            .max_completion_tokens
+            .or(self.max_tokens)
+            .map(|m| u32_in(m, 1, "max_tokens", || format!("max_tokens must be at least 1, got {m}")))
+            .transpose()?;
+        let min_tokens = self
+            .min_tokens
+            .map(|m| u32_in(m, 0, "min_tokens", || format!("min_tokens must be non-negative, got {m}")))
+            .transpose()?
+            .unwrap_or(0);
         if let Some(max) = max_tokens {
             if min_tokens > max {
                 return Err(AppError::bad_param(
@@ -191,6 +210,11 @@ impl SamplingFields {
                 ));
             }
         }
+        Ok((max_tokens, min_tokens))
+    }
+
+    /// Parameters accepted only at their no-op value: `n = 1`, zero penalties.
+    fn reject_unsupported(&self) -> Result<(), AppError> {
         if let Some(n) = self.n {
             if n != 1 {
                 return Err(AppError::bad_param(
@@ -203,15 +227,19 @@ impl SamplingFields {
             ("presence_penalty", self.presence_penalty),
             ("frequency_penalty", self.frequency_penalty),
         ] {
-            if let Some(v) = v {
-                if v != 0.0 {
-                    return Err(AppError::bad_param(
-                        name,
-                        format!("{name} is not supported (only 0)"),
-                    ));
-                }
+            if v.is_some_and(|v| v != 0.0) {
+                return Err(AppError::bad_param(
+                    name,
+                    format!("{name} is not supported (only 0)"),
+                ));
             }
         }
+        Ok(())
+    }
+
+    /// The stop strings (at most [`MAX_STOPS`] of at most [`MAX_STOP_LEN`] characters),
+    /// empty ones dropped.
+    fn stop_strings(&self) -> Result<Vec<String>, AppError> {
         let stop = match &self.stop {
             None => Vec::new(),
             Some(StopField::One(s)) => vec![s.clone()],
@@ -225,26 +253,16 @@ impl SamplingFields {
                 ),
             ));
         }
-        let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
-        Ok(Generation {
-            sampling: SamplingParams {
-                temperature: temperature as f32,
-                top_p,
-                top_k,
-                seed: self.random_seed.or(self.seed),
-                min_tokens,
-                logprobs,
-            },
-            max_tokens,
-            stop,
-            stream: self.stream.unwrap_or(false),
-            include_usage_in_stream: self
-                .stream_options
-                .as_ref()
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false),
-            priority,
-        })
+        Ok(stop.into_iter().filter(|s| !s.is_empty()).collect())
+    }
+}
+
+/// `v` as a `u32` when it is in `min..=u32::MAX`; else a 400 on `param`.
+fn u32_in(v: i64, min: i64, param: &str, message: impl FnOnce() -> String) -> Result<u32, AppError> {
+    if (min..=u32::MAX as i64).contains(&v) {
+        Ok(v as u32)
+    } else {
+        Err(AppError::bad_param(param, message()))
     }
 }
 

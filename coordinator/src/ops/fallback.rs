@@ -43,8 +43,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, RootCertStore};
 
-use super::OpsError;
-use crate::http::AppError;
+use super::error::OpsError;
+use crate::error::AppError;
 
 /// The HTTP and HTTPS client every upstream shares: one connection pool, one set of
 /// trusted roots. Cheap to clone.

@@ -44,8 +44,8 @@ use std::path::Path;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
-use super::limits::Limits;
-use super::OpsError;
+use super::limits::RateLimits;
+use super::error::OpsError;
 
 /// SHA-256 of a key.
 pub type KeyDigest = [u8; 32];
@@ -80,7 +80,7 @@ struct KeyFile {
     #[serde(default)]
     keys: Vec<KeyRecord>,
     #[serde(default)]
-    teams: BTreeMap<String, Limits>,
+    teams: BTreeMap<String, RateLimits>,
 }
 
 #[derive(Deserialize)]
@@ -106,7 +106,7 @@ pub struct KeySpec {
     pub digest: KeyDigest,
     pub name: String,
     pub team: String,
-    pub limits: Limits,
+    pub limits: RateLimits,
     pub admin: bool,
     pub fallback: FallbackRule,
 }
@@ -115,7 +115,7 @@ pub struct KeySpec {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct KeySet {
     pub keys: Vec<KeySpec>,
-    pub teams: BTreeMap<String, Limits>,
+    pub teams: BTreeMap<String, RateLimits>,
 }
 
 pub const DEFAULT_TEAM: &str = "default";
@@ -219,7 +219,7 @@ impl KeySet {
                 digest,
                 name: r.name,
                 team: r.team.unwrap_or_else(|| DEFAULT_TEAM.to_string()),
-                limits: Limits {
+                limits: RateLimits {
                     requests_per_minute: r.requests_per_minute,
                     tokens_per_minute: r.tokens_per_minute,
                     tokens_per_day: r.tokens_per_day,
@@ -254,7 +254,7 @@ impl KeySet {
                 digest: d,
                 name: format!("key-{}", i + 1),
                 team: DEFAULT_TEAM.to_string(),
-                limits: Limits::default(),
+                limits: RateLimits::default(),
                 admin: false,
                 fallback: FallbackRule::Auto,
             });
@@ -396,7 +396,7 @@ teams:
         assert_eq!(yaml.keys.len(), 2);
         assert_eq!(yaml.keys[0].limits.tokens_per_day, Some(2_000_000));
         assert_eq!(yaml.keys[1].fallback, FallbackRule::Never);
-        assert_eq!(yaml.teams["empty"], Limits::default());
+        assert_eq!(yaml.teams["empty"], RateLimits::default());
     }
 
     #[test]

@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-/// Limits of one key or team; `None` = unlimited.
+/// Rate limits and quotas of one key or team; `None` = unlimited.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct Limits {
+pub struct RateLimits {
     pub requests_per_minute: Option<u64>,
     pub tokens_per_minute: Option<u64>,
     pub tokens_per_day: Option<u64>,
@@ -71,6 +71,46 @@ pub struct RateHeaders {
     pub tokens: Option<(u64, u64, f64)>,
 }
 
+impl RateHeaders {
+    /// Sets the `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers.
+    pub fn insert_into(&self, h: &mut axum::http::HeaderMap) {
+        use axum::http::{HeaderName, HeaderValue};
+        for (kind, v) in [("requests", self.requests), ("tokens", self.tokens)] {
+            let Some((limit, remaining, reset_s)) = v else {
+                continue;
+            };
+            for (name, value) in [
+                (format!("x-ratelimit-limit-{kind}"), limit.to_string()),
+                (
+                    format!("x-ratelimit-remaining-{kind}"),
+                    remaining.to_string(),
+                ),
+                (format!("x-ratelimit-reset-{kind}"), reset_string(reset_s)),
+            ] {
+                if let (Ok(n), Ok(v)) = (
+                    HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(&value),
+                ) {
+                    h.insert(n, v);
+                }
+            }
+        }
+    }
+}
+
+/// OpenAI's reset format: `1s`, `6m0s`, `250ms`.
+fn reset_string(seconds: f64) -> String {
+    if seconds < 1.0 {
+        return format!("{}ms", (seconds * 1000.0).ceil() as u64);
+    }
+    let s = seconds.ceil() as u64;
+    match (s / 3600, (s % 3600) / 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s}s"),
+        (h, m, s) => format!("{h}h{m}m{s}s"),
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Bucket {
     level: f64,
@@ -86,7 +126,7 @@ impl Bucket {
 
 #[derive(Debug)]
 struct AccountState {
-    limits: Limits,
+    limits: RateLimits,
     last: Instant,
     requests: Bucket,
     minute: Bucket,
@@ -186,7 +226,7 @@ impl AccountState {
 }
 
 impl Account {
-    pub fn new(limits: Limits) -> Arc<Self> {
+    pub fn new(limits: RateLimits) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(AccountState {
                 limits,
@@ -208,7 +248,7 @@ impl Account {
     /// Replaces the limits (a reload). What was used stays used: a bucket's level moves
     /// by the change in capacity (raising 10/min to 100/min with 4 used leaves 96). A
     /// limit that appears starts full; in-flight accounting is untouched.
-    pub fn set_limits(&self, limits: Limits) {
+    pub fn set_limits(&self, limits: RateLimits) {
         let mut s = self.lock();
         s.refill(Instant::now());
         let old = s.limits;
@@ -231,7 +271,7 @@ impl Account {
         s.limits = limits;
     }
 
-    pub fn limits(&self) -> Limits {
+    pub fn limits(&self) -> RateLimits {
         self.lock().limits
     }
 
@@ -379,8 +419,16 @@ impl Drop for Permit {
 mod tests {
     use super::*;
 
-    fn limits(rpm: Option<u64>, tpm: Option<u64>, conc: Option<u32>) -> Limits {
-        Limits {
+    #[test]
+    fn reset_strings_look_like_openais() {
+        assert_eq!(reset_string(0.25), "250ms");
+        assert_eq!(reset_string(1.0), "1s");
+        assert_eq!(reset_string(360.0), "6m0s");
+        assert_eq!(reset_string(3725.0), "1h2m5s");
+    }
+
+    fn limits(rpm: Option<u64>, tpm: Option<u64>, conc: Option<u32>) -> RateLimits {
+        RateLimits {
             requests_per_minute: rpm,
             tokens_per_minute: tpm,
             tokens_per_day: None,
@@ -431,8 +479,8 @@ mod tests {
     fn team_limit_applies_across_keys_and_refusal_names_the_team() {
         let team = Account::new(limits(None, None, Some(1)));
         let (k1, k2) = (
-            Account::new(Limits::default()),
-            Account::new(Limits::default()),
+            Account::new(RateLimits::default()),
+            Account::new(RateLimits::default()),
         );
         let p = admit(&k1, Some(&team), 1, 0).unwrap();
         let r = admit(&k2, Some(&team), 1, 0).unwrap_err();

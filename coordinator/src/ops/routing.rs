@@ -13,7 +13,7 @@
 use sha2::{Digest as _, Sha256};
 
 use super::keys::KeyDigest;
-use super::OpsError;
+use super::error::OpsError;
 
 /// Where a request is served.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{json, Value};
 
-use crate::metrics::Histogram;
+use crate::histogram::Histogram;
 
 /// Counters of one key or one team.
 #[derive(Debug, Default)]

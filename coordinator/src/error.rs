@@ -1,15 +1,45 @@
-//! The one error type of the HTTP API and its rendering.
+//! The one error type of the API, its rendering, and the limits every layer applies
+//! to a request before a handler sees it.
 //!
-//! Every failure a handler can meet becomes an [`AppError`]; `IntoResponse` renders
-//! the status code and the JSON body `{"object": "error", "message", "type", "param",
-//! "code"}` (Mistral's shape, which the OpenAI SDK also reads) in this one place.
+//! Every failure a handler or the ops layer can meet becomes an [`AppError`];
+//! `IntoResponse` renders the status code and the JSON body `{"object": "error",
+//! "message", "type", "param", "code"}` (Mistral's shape, which the OpenAI SDK also
+//! reads) in this one place. It lives at crate level, not in `http`, because `ops`
+//! renders the same errors without depending on the handlers. [`FailedBeforeServing`]
+//! is the typed signal from a streamed response to the ops gate that it failed before
+//! the client got anything (so it may be retried upstream).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::engine::EngineError;
+use crate::prompt::PromptError;
 use crate::tokenizer::TokenizerError;
+
+/// Largest request body accepted (413 above it), by the handlers and by the ops gate.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// A response extension set on every event stream: marked when the stream's first
+/// event is an error, i.e. the request failed before the client was served anything.
+/// Read by the ops gate once the first frame of the body arrived.
+#[derive(Clone, Debug, Default)]
+pub struct FailedBeforeServing(Arc<AtomicBool>);
+
+impl FailedBeforeServing {
+    /// Records that the stream failed before its first useful event.
+    pub fn mark(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether [`mark`](Self::mark) was called.
+    pub fn is_marked(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
 
 /// An API error: status, machine-readable type and code, human message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -139,6 +169,12 @@ impl From<EngineError> for AppError {
 
 impl From<TokenizerError> for AppError {
     fn from(e: TokenizerError) -> Self {
+        Self::Internal(e.to_string())
+    }
+}
+
+impl From<PromptError> for AppError {
+    fn from(e: PromptError) -> Self {
         if e.is_client_error() {
             Self::bad_request(e.to_string())
         } else {
@@ -153,7 +189,7 @@ impl From<axum::extract::rejection::JsonRejection> for AppError {
         match r {
             J::BytesRejection(b) if b.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 Self::PayloadTooLarge {
-                    limit: super::MAX_BODY_BYTES,
+                    limit: MAX_BODY_BYTES,
                 }
             }
             J::MissingJsonContentType(_) => {

@@ -2,7 +2,8 @@
 //!
 //! Owns (ARCHITECTURE §4): the paged KV block pool ([`BlockPool`]), the prefix cache
 //! (in the pool, keyed by [`prefix_hash()`]), the request queue, the batching policy
-//! (decodes first, then prefill chunks under a token budget), priorities with aging,
+//! (decodes first, then prefill chunks under a token budget and an optional step-time
+//! cap from a [`StepCost`] model, shortest prefill first), priorities with aging,
 //! and preemption by recompute. It performs no I/O and reads no clock: time is passed
 //! in as monotonic microseconds. It depends on `std` and `thiserror` only.
 //!
@@ -35,7 +36,7 @@ mod scheduler;
 mod sequence;
 
 pub use block_pool::{BlockId, BlockPool, PrefixLink, NO_LINK, NULL_BLOCK};
-pub use config::SchedulerConfig;
+pub use config::{SchedulerConfig, StepCost, AUTO_STEP_FACTOR};
 pub use plan::{FinishReason, ScheduledSeq, StepPlan};
 pub use prefix_hash::{prefix_hash, ROOT_HASH};
 pub use scheduler::{Counters, Scheduler};
@@ -43,8 +44,8 @@ pub use scheduler::{Counters, Scheduler};
 /// Identifier of a sequence (one request), chosen by the caller.
 pub type SeqId = u64;
 
-/// Scheduling class: interactive (IDE completion) before chat before batch; FIFO
-/// within a class, with aging across classes.
+/// Scheduling class: interactive (IDE completion) before chat before batch; within a
+/// class shortest remaining prefill first (or FIFO), with aging across classes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Priority {
     #[default]

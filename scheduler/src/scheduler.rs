@@ -4,15 +4,26 @@
 //! Policy of [`Scheduler::schedule`], in order:
 //! 1. release blocks that fell wholly outside the sliding window (if any);
 //! 2. running decodes, highest priority first, one token each;
-//! 3. running prefills, highest priority first, each a chunk of what remains of its
-//!    prompt, as large as the remaining token budget allows (chunked prefill);
-//! 4. unless step 2 or 3 had to preempt: waiting requests, best (aged) priority first,
-//!    each reusing every leading block the prefix cache holds and computing a chunk of
-//!    the rest.
+//! 3. running prefills in prefill order (below), each a chunk of what remains of its
+//!    prompt, as large as the remaining token budget and step-time cap allow (chunked
+//!    prefill);
+//! 4. unless step 2 or 3 had to preempt: waiting requests in prefill order, each
+//!    reusing every leading block the prefix cache holds and computing a chunk of the
+//!    rest, until budget, cap, sequence slots or blocks run out.
 //!
 //! Priority is the class (interactive < chat < batch), promoted by one class per
 //! `aging_interval_us` of age, then arrival, then id: a total order, so scheduling is
-//! deterministic. When a running sequence needs a block and none is free, the
+//! deterministic. Prefill order is the aged class, then (waiting only) re-admissions
+//! of preempted sequences before fresh requests, then — with `shortest_prefill_first`
+//! — fewest prompt tokens left to compute, then arrival and id. A started prefill
+//! (step 3) goes before a new admission (step 4): shortest-first does not interrupt
+//! a chunked prompt already holding blocks.
+//!
+//! Step-time cap (`step_cost` and `max_step_ms` both set): every prefill chunk is cut
+//! to what keeps the step's predicted time ([`crate::StepCost::plan_ms`]) within
+//! `max_step_ms`; decodes are never cut. A step's first prefill chunk gets at least
+//! `min(block_size, remaining)` tokens even over the cap, so prefill and admission
+//! always progress (also when decodes alone exceed the cap). When a running sequence needs a block and none is free, the
 //! lowest-priority newest running sequence is preempted by recompute (blocks freed,
 //! tokens kept, back to the front of its class's queue); when that is the sequence
 //! itself, it waits. A waiting request may preempt running ones only if they rank
@@ -25,8 +36,9 @@
 //!
 //! Costs per step (measured by `benches/round.rs`): O(running) for decodes — a slot
 //! access and a few vector pushes each, no hashing — plus a sort of `running` that is
-//! linear when the order did not change; per admission one prefix-cache lookup per
-//! full prompt block; in `update`, one hash lookup per sampled token only when tokens
+//! linear when the order did not change, and a sort of the running prefills; in a step
+//! that admits, a sort of the waiting queue (O(W log W)), then per admission one
+//! prefix-cache lookup per full prompt block and an O(W) queue removal; in `update`, one hash lookup per sampled token only when tokens
 //! come back out of plan order. `abort` and `preempt` are O(running + waiting) to find
 //! the sequence and O(blocks) to free it.
 
@@ -35,7 +47,7 @@ use std::collections::VecDeque;
 use crate::block_pool::{BlockId, BlockPool, PrefixLink, NO_LINK, NULL_BLOCK};
 use crate::plan::{FinishReason, ScheduledSeq, StepPlan};
 use crate::sequence::{SeqState, Sequence, Sequences};
-use crate::{Priority, SchedulerConfig, SchedulerError, SeqId};
+use crate::{Priority, SchedulerConfig, SchedulerError, SeqId, StepCost};
 
 /// Gauges and cumulative counts for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -86,6 +98,10 @@ struct RunningSeq {
 /// Total scheduling order: smaller is served first, larger is preempted first.
 type RankKey = (i64, u64, SeqId);
 
+/// Order of prefills (module docs): aged class, fresh (not a re-admission), prompt
+/// tokens left (0 without shortest-first), arrival, id. Smaller goes first.
+type PrefillKey = (i64, bool, usize, u64, SeqId);
+
 fn rank_key(
     priority: Priority,
     arrival: u64,
@@ -110,9 +126,47 @@ struct StepBuilder {
     budget: usize,
     scheduled: usize,
     preempted: bool,
+    /// The step-time cap, if on, and the predicted time of the entries so far (ms,
+    /// `fixed_ms` included).
+    cap: Option<(StepCost, f64)>,
+    predicted_ms: f64,
+    /// Least chunk of a step's first prefill, even over the cap.
+    min_chunk: usize,
+    /// Prefill chunks added so far.
+    prefills: usize,
 }
 
 impl StepBuilder {
+    /// Tokens a prefill chunk at `position` with `remaining` tokens left may compute:
+    /// within the token budget and the step-time cap; 0 when neither leaves room.
+    fn prefill_tokens(&self, position: usize, remaining: usize) -> usize {
+        let n = remaining.min(self.budget);
+        let Some((cost, max_ms)) = self.cap else {
+            return n;
+        };
+        let per_token = cost.per_token_ms + cost.per_context_token_ms;
+        let room = max_ms - self.predicted_ms - cost.per_context_token_ms * position as f64;
+        let mut fits = if room < 0.0 {
+            0
+        } else if per_token <= 0.0 {
+            n
+        } else {
+            ((room / per_token).floor() as usize).min(n)
+        };
+        // Rounding: the floor may overshoot by one ulp's worth.
+        while fits > 0 && self.predicted_ms + cost.entry_ms(position, fits) > max_ms {
+            fits -= 1;
+        }
+        if self.prefills == 0 {
+            fits = fits.max(self.min_chunk.min(n));
+        }
+        fits
+    }
+
+    fn entry_ms(&self, position: usize, n: usize) -> f64 {
+        self.cap.map_or(0.0, |(cost, _)| cost.entry_ms(position, n))
+    }
+
     fn push(
         &mut self,
         seq: &Sequence,
@@ -140,13 +194,17 @@ impl StepBuilder {
         });
         self.budget -= n;
         self.scheduled += 1;
-        (plan.seqs.len() - 1) as u32
+        self.predicted_ms += self.entry_ms(position, n);
+        (self.plan.seqs.len() - 1) as u32
     }
 
     /// Takes back the entry of a sequence preempted after it was scheduled.
     fn withdraw(&mut self, plan_slot: u32) {
-        self.budget += self.plan.seqs[plan_slot as usize].num_tokens();
+        let entry = &self.plan.seqs[plan_slot as usize];
+        let (position, n) = (entry.position, entry.num_tokens());
+        self.budget += n;
         self.scheduled -= 1;
+        self.predicted_ms -= self.entry_ms(position, n);
         self.withdrawn.push(plan_slot);
     }
 
@@ -178,7 +236,8 @@ pub struct Scheduler {
     /// Admitted sequences; sorted best first by `schedule` (removals between steps
     /// may disorder it).
     running: Vec<RunningSeq>,
-    /// Slots of waiting sequences: one FIFO per class, indexed by `Priority as usize`.
+    /// Slots of waiting sequences, one queue per class indexed by `Priority as usize`
+    /// (admission order is the prefill order, not the queue order).
     waiting: [VecDeque<u32>; 3],
     /// Ids whose worker state must be dropped, announced by the next plan.
     pending_freed: Vec<SeqId>,
@@ -346,6 +405,10 @@ impl Scheduler {
             budget: self.config.max_num_batched_tokens,
             scheduled: 0,
             preempted: false,
+            cap: self.config.step_cap(),
+            predicted_ms: self.config.step_cap().map_or(0.0, |(c, _)| c.fixed_ms),
+            min_chunk: self.config.block_size,
+            prefills: 0,
         };
         if let Some(window) = self.config.sliding_window {
             for r in &self.running {
@@ -360,8 +423,7 @@ impl Scheduler {
         for r in &mut self.running {
             r.plan_slot = NO_LINK;
         }
-        self.schedule_running(&mut step, true);
-        self.schedule_running(&mut step, false);
+        self.schedule_running(&mut step, now);
         if !step.preempted {
             self.admit_waiting(&mut step, now);
         }
@@ -478,39 +540,72 @@ impl Scheduler {
         step.preempted = true;
     }
 
-    /// Schedules running sequences in rank order: the decodes (one token left) or the
-    /// prefills (more left). A sequence that needs blocks preempts from the tail of
-    /// `running`, possibly itself.
-    fn schedule_running(&mut self, step: &mut StepBuilder, decodes: bool) {
-        let bs = self.config.block_size;
+    /// Schedules running sequences: the decodes (one token left) in rank order, then
+    /// the prefills (more left) in prefill order.
+    fn schedule_running(&mut self, step: &mut StepBuilder, now: u64) {
+        let max_seqs = self.config.max_num_seqs;
         let mut i = 0;
         while i < self.running.len() {
-            if step.budget == 0 || step.scheduled == self.config.max_num_seqs {
+            if step.budget == 0 || step.scheduled == max_seqs {
                 return;
             }
-            let seq = self.seqs.get(self.running[i].slot);
-            let remaining = seq.tokens.len() - seq.num_computed;
-            if remaining == 0 || (remaining == 1) != decodes {
-                i += 1;
-                continue;
-            }
-            let n = remaining.min(step.budget);
-            let capacity = seq.table.len() * bs;
-            let needed = if seq.num_computed + n <= capacity {
-                0
-            } else {
-                blocks_for(seq.num_computed + n - capacity, bs)
-            };
-            while self.pool.num_free() < needed {
-                self.preempt_last(step);
-                if i == self.running.len() {
-                    // It was the lowest-ranked itself: it waits.
-                    return;
-                }
-            }
-            self.run_chunk(i, n, step);
+            self.schedule_one(i, true, step);
             i += 1;
         }
+        let mut order: Vec<(PrefillKey, usize)> = self
+            .running
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                let seq = self.seqs.get(r.slot);
+                (seq.tokens.len() - seq.num_computed > 1).then(|| (self.prefill_key(seq, now), i))
+            })
+            .collect();
+        order.sort_unstable();
+        for (_, i) in order {
+            if step.budget == 0 || step.scheduled == max_seqs {
+                return;
+            }
+            // A preemption pops the tail: indices below it stay valid.
+            if i < self.running.len() {
+                self.schedule_one(i, false, step);
+            }
+        }
+    }
+
+    /// Schedules `running[i]` if it is a decode (`decodes`) or a prefill (otherwise).
+    /// A sequence that needs blocks preempts from the tail of `running`, possibly
+    /// itself, and then waits.
+    fn schedule_one(&mut self, i: usize, decodes: bool, step: &mut StepBuilder) {
+        let bs = self.config.block_size;
+        let seq = self.seqs.get(self.running[i].slot);
+        let remaining = seq.tokens.len() - seq.num_computed;
+        if remaining == 0 || (remaining == 1) != decodes {
+            return;
+        }
+        let n = if decodes {
+            1
+        } else {
+            step.prefill_tokens(seq.num_computed, remaining)
+        };
+        if n == 0 {
+            return;
+        }
+        let capacity = seq.table.len() * bs;
+        let needed = if seq.num_computed + n <= capacity {
+            0
+        } else {
+            blocks_for(seq.num_computed + n - capacity, bs)
+        };
+        while self.pool.num_free() < needed {
+            self.preempt_last(step);
+            if i >= self.running.len() {
+                // It was the lowest-ranked itself: it waits.
+                return;
+            }
+        }
+        step.prefills += usize::from(!decodes);
+        self.run_chunk(i, n, step);
     }
 
     /// Adds a chunk of `n` tokens of `running[i]` to the step, allocating its blocks
@@ -538,14 +633,33 @@ impl Scheduler {
         )
     }
 
-    /// The class whose first waiting request ranks best now.
-    fn best_waiting_class(&self, now: u64) -> Option<usize> {
-        (0..self.waiting.len())
-            .filter_map(|class| {
-                Some((self.waiting_rank(*self.waiting[class].front()?, now), class))
-            })
-            .min()
-            .map(|(_, class)| class)
+    fn prefill_key(&self, seq: &Sequence, now: u64) -> PrefillKey {
+        let (class, arrival, id) = rank_key(
+            seq.priority,
+            seq.arrival,
+            seq.id,
+            now,
+            self.config.aging_interval_us,
+        );
+        let fresh = !(seq.requeued && seq.state == SeqState::Waiting);
+        let left = if self.config.shortest_prefill_first {
+            seq.tokens.len() - seq.num_computed
+        } else {
+            0
+        };
+        (class, fresh, left, arrival, id)
+    }
+
+    /// Every waiting request, best first in prefill order.
+    fn waiting_in_prefill_order(&self, now: u64) -> Vec<u32> {
+        let mut order: Vec<(PrefillKey, u32)> = self
+            .waiting
+            .iter()
+            .flatten()
+            .map(|&slot| (self.prefill_key(self.seqs.get(slot), now), slot))
+            .collect();
+        order.sort_unstable();
+        order.into_iter().map(|(_, slot)| slot).collect()
     }
 
     /// The leading blocks of `seq` the prefix cache holds — at most all but the last
@@ -573,11 +687,14 @@ impl Scheduler {
     fn admit_waiting(&mut self, step: &mut StepBuilder, now: u64) {
         let bs = self.config.block_size;
         let mut admitted = Vec::new();
-        while step.budget > 0 && self.running.len() + admitted.len() < self.config.max_num_seqs {
-            let Some(class) = self.best_waiting_class(now) else {
+        let max_seqs = self.config.max_num_seqs;
+        if step.budget == 0 || self.running.len() >= max_seqs || self.num_waiting() == 0 {
+            return;
+        }
+        for slot in self.waiting_in_prefill_order(now) {
+            if step.budget == 0 || self.running.len() + admitted.len() >= max_seqs {
                 break;
-            };
-            let slot = self.waiting[class].pop_front().expect("class has a front");
+            }
             let rank = self.waiting_rank(slot, now);
             // Find the cached prefix and room for one chunk, preempting running
             // sequences that rank below this request if blocks run out.
@@ -586,7 +703,10 @@ impl Scheduler {
                 let seq = self.seqs.get(slot);
                 let (hits, parent) = self.cached_prefix(seq);
                 let skipped = hits.len() * bs;
-                let n = (seq.tokens.len() - skipped).min(step.budget);
+                let n = step.prefill_tokens(skipped, seq.tokens.len() - skipped);
+                if n == 0 {
+                    break None;
+                }
                 let keep_from = match self.config.sliding_window {
                     Some(w) => ((skipped + 1).saturating_sub(w) / bs).min(hits.len()),
                     None => 0,
@@ -616,10 +736,15 @@ impl Scheduler {
                 }
             };
             let Some((hits, parent, n, keep_from)) = found else {
-                self.waiting[class].push_front(slot);
                 break;
             };
             let seq = self.seqs.get_mut(slot);
+            let queue = &mut self.waiting[seq.priority as usize];
+            let pos = queue
+                .iter()
+                .position(|&w| w == slot)
+                .expect("waiting sequence is queued");
+            queue.remove(pos);
             let skipped = hits.len() * bs;
             for (j, &block) in hits.iter().enumerate() {
                 if j < keep_from {
@@ -641,6 +766,7 @@ impl Scheduler {
             self.prefix_hit_tokens += skipped as u64;
             self.prefix_queried_tokens += seq.tokens.len() as u64;
             let plan_slot = step.push(seq, slot, skipped, n, 0, true);
+            step.prefills += 1;
             admitted.push(RunningSeq {
                 slot,
                 id: seq.id,

@@ -83,6 +83,9 @@ pub(crate) struct Sequence {
     pub(crate) num_released: usize,
     /// Workers hold state for this id (it appeared in a plan since its last reset).
     pub(crate) on_workers: bool,
+    /// It was preempted at least once: while waiting, it goes before fresh requests
+    /// of its (aged) class.
+    pub(crate) requeued: bool,
 }
 
 impl Sequence {
@@ -117,6 +120,7 @@ impl Sequence {
             cache_parent: PrefixLink::ROOT,
             num_released: 0,
             on_workers: false,
+            requeued: false,
         }
     }
 
@@ -172,6 +176,7 @@ impl Sequence {
         self.num_registered = 0;
         self.cache_parent = PrefixLink::ROOT;
         self.num_released = 0;
+        self.requeued = true;
     }
 }
 

@@ -12,7 +12,14 @@
 //! KV slot a step reads holds exactly the prefix of the sequence reading it — which
 //! catches a wrong prefix-cache hit, a block freed while still used, or a stale table.
 //! For every update: the sequences that end are exactly those expected, with the
-//! right reason. At the end: every request ended and every block is free.
+//! right reason. At the end: every request ended and every block is free — also under
+//! a step-time cap, so nothing starves.
+//!
+//! Half the cases run with a step cost model and a `max_step_ms` cap (often binding):
+//! a plan with any prefill chunk is predicted within the cap, unless its only prefill
+//! chunk is a minimum one (at most a block). Every plan admits in prefill order: an
+//! admitted request ranks (aged class, re-admission first, shortest prompt first when
+//! on, arrival, id) before every request left waiting.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -20,8 +27,8 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, RngSeed};
 use scheduler::{
-    BlockId, FinishReason, Priority, Scheduler, SchedulerConfig, SchedulerError, SeqId, StepPlan,
-    NULL_BLOCK,
+    BlockId, FinishReason, Priority, Scheduler, SchedulerConfig, SchedulerError, SeqId, StepCost,
+    StepPlan, NULL_BLOCK,
 };
 
 const OPS_PER_CASE: usize = 1600;
@@ -40,6 +47,9 @@ struct Params {
     max_waiting: usize,
     window: Option<usize>,
     aging_interval_us: u64,
+    shortest_prefill_first: bool,
+    /// `(fixed, per token, per context token, max step)`, ms.
+    cost: Option<(f64, f64, f64, f64)>,
 }
 
 fn params() -> impl Strategy<Value = Params> {
@@ -51,11 +61,16 @@ fn params() -> impl Strategy<Value = Params> {
             prop::option::weighted(0.3, 1usize..40),
             1u64..3000,
         ),
+        (
+            any::<bool>(),
+            prop::option::of((0u32..8, 1u32..16, 0u32..4, 0u32..40)),
+        ),
     )
         .prop_map(
             |(
                 (num_blocks, block_size, budget, max_seqs),
                 (max_model_len, max_waiting, window, aging_interval_us),
+                (shortest_prefill_first, cost),
             )| Params {
                 num_blocks,
                 block_size,
@@ -65,6 +80,13 @@ fn params() -> impl Strategy<Value = Params> {
                 max_waiting,
                 window,
                 aging_interval_us,
+                shortest_prefill_first,
+                // Quarter-ms units; the cap ranges from below `fixed` (only minimum
+                // chunks run) to a few dozen tokens.
+                cost: cost.map(|(f, t, c, m)| {
+                    let (f, t, c, m) = (f64::from(f), f64::from(t), f64::from(c), f64::from(m));
+                    (f / 4.0, t / 4.0, c / 64.0, (f + m) / 4.0 + 0.5)
+                }),
             },
         )
 }
@@ -119,15 +141,22 @@ struct Req {
     content: Vec<u64>,
     prompt_len: usize,
     max_tokens: usize,
+    priority: Priority,
+    arrival: u64,
+    /// Preempted at least once (re-admissions go first in their class).
+    requeued: bool,
 }
 
 impl Req {
-    fn new(prompt: &[u32], max_tokens: usize) -> Self {
+    fn new(prompt: &[u32], max_tokens: usize, priority: Priority, arrival: u64) -> Self {
         let mut req = Req {
             tokens: Vec::new(),
             content: Vec::new(),
             prompt_len: prompt.len(),
             max_tokens,
+            priority,
+            arrival,
+            requeued: false,
         };
         for &t in prompt {
             req.push(t);
@@ -177,6 +206,13 @@ impl Harness {
             max_waiting: p.max_waiting,
             sliding_window: p.window,
             aging_interval_us: p.aging_interval_us,
+            shortest_prefill_first: p.shortest_prefill_first,
+            step_cost: p.cost.map(|(f, t, c, _)| StepCost {
+                fixed_ms: f,
+                per_token_ms: t,
+                per_context_token_ms: c,
+            }),
+            max_step_ms: p.cost.map(|(_, _, _, m)| m),
         };
         let sched = Scheduler::new(config).expect("every generated config is valid");
         let kv = vec![0; p.num_blocks * p.block_size];
@@ -233,6 +269,9 @@ impl Harness {
                         running,
                         "preempt answers whether {id} ran"
                     );
+                    if running {
+                        self.live.get_mut(&id).unwrap().requeued = true;
+                    }
                 }
             }
             Op::AbortMidStep { victim, seed } => self.step(*seed, Some(victim)),
@@ -273,8 +312,9 @@ impl Harness {
             expected
         );
         if expected.is_ok() {
+            let max_tokens = max_tokens.min(limit - prompt.len());
             self.live
-                .insert(id, Req::new(&prompt, max_tokens.min(limit - prompt.len())));
+                .insert(id, Req::new(&prompt, max_tokens, priority, self.now));
             self.admitted += 1;
             if self.history.len() == 32 {
                 self.history.remove(0);
@@ -291,7 +331,15 @@ impl Harness {
 
     fn step(&mut self, seed: u64, abort_victim: Option<&Index>) {
         self.now += 1;
+        let waiting_before: Vec<SeqId> = self
+            .live
+            .keys()
+            .copied()
+            .filter(|&id| self.sched.block_table(id).unwrap().is_empty())
+            .collect();
         let plan = self.sched.schedule(self.now);
+        self.check_step_cap(&plan);
+        self.check_prefill_order(&plan, &waiting_before);
         self.check_plan(&plan);
         if let Some(victim) = abort_victim.filter(|_| !plan.seqs.is_empty()) {
             let id = plan.seqs[victim.index(plan.seqs.len())].seq_id;
@@ -336,6 +384,69 @@ impl Harness {
         assert_eq!(got, expected);
         for id in expected.into_keys() {
             self.end(id);
+        }
+    }
+
+    /// A plan with prefill chunks is predicted within `max_step_ms`, or its only
+    /// prefill chunk is a minimum one (at most a block). Decodes (one token, sampled,
+    /// not new) are never cut, so they alone may exceed it.
+    fn check_step_cap(&self, plan: &StepPlan) {
+        let Some((fixed_ms, per_token_ms, per_context_token_ms, max_ms)) = self.p.cost else {
+            return;
+        };
+        let cost = StepCost {
+            fixed_ms,
+            per_token_ms,
+            per_context_token_ms,
+        };
+        let prefills: Vec<_> = plan
+            .seqs
+            .iter()
+            .filter(|e| !(e.num_tokens() == 1 && e.sample && !e.reset))
+            .collect();
+        if prefills.is_empty() {
+            return;
+        }
+        let predicted = cost.plan_ms(plan);
+        let lone_min_chunk = prefills.len() == 1 && prefills[0].num_tokens() <= self.p.block_size;
+        assert!(
+            predicted <= max_ms + 1e-9 || lone_min_chunk,
+            "predicted {predicted} ms > cap {max_ms} ms: {:?}",
+            plan.seqs
+        );
+    }
+
+    /// The prefill-order key the scheduler documents, for a waiting request.
+    fn prefill_key(&self, id: SeqId) -> (i64, bool, usize, u64, SeqId) {
+        let r = &self.live[&id];
+        let waited = self.now.saturating_sub(r.arrival);
+        let class = r.priority as i64 - (waited / self.p.aging_interval_us) as i64;
+        let left = if self.p.shortest_prefill_first {
+            r.tokens.len()
+        } else {
+            0
+        };
+        (class, !r.requeued, left, r.arrival, id)
+    }
+
+    /// Every request admitted by `plan` ranks before every one still waiting.
+    fn check_prefill_order(&mut self, plan: &StepPlan, waiting_before: &[SeqId]) {
+        let admitted: Vec<SeqId> = plan
+            .seqs
+            .iter()
+            .filter(|e| e.reset && waiting_before.contains(&e.seq_id))
+            .map(|e| e.seq_id)
+            .collect();
+        if let Some(worst) = admitted.iter().map(|&id| self.prefill_key(id)).max() {
+            for &id in waiting_before.iter().filter(|id| !admitted.contains(id)) {
+                let left = self.prefill_key(id);
+                assert!(worst < left, "admitted {worst:?} before waiting {left:?}");
+            }
+        }
+        for id in &plan.freed {
+            if let Some(r) = self.live.get_mut(id) {
+                r.requeued = true;
+            }
         }
     }
 

@@ -1,9 +1,11 @@
 //! `stral`: the one binary. Subcommands map onto the crates' config structs:
 //! `serve` (coordinator), `worker` (one TP rank), `bench` (load generator),
-//! `plan` (capacity planner), `synth` (synthetic checkpoints).
+//! `plan` (capacity planner), `synth` (synthetic checkpoints), `route` (a router in
+//! front of many `serve` replicas).
 
 mod bench_cmd;
 mod plan_cmd;
+mod route_cmd;
 mod serve_cmd;
 
 use std::path::PathBuf;
@@ -41,6 +43,10 @@ enum Command {
     Plan(plan_cmd::PlanArgs),
     /// Write a deterministic random checkpoint of a preset in either on-disk layout.
     Synth(SynthArgs),
+    /// Route requests over many `serve` replicas (prefix-cache affinity, bounded load,
+    /// health ejection, retry of requests that sent nothing).
+    #[command(long_about = route_cmd::LONG_ABOUT)]
+    Route(route_cmd::RouteArgs),
 }
 
 #[derive(Args)]
@@ -155,6 +161,7 @@ fn main() -> ExitCode {
         Command::Worker(a) => run_worker(a),
         Command::Bench(a) => bench_cmd::run(a),
         Command::Plan(a) => plan_cmd::run(a),
+        Command::Route(a) => route_cmd::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,7 +4,8 @@
 //! the Codestral tokenizer and prompt templates, the engine loop
 //! (`schedule → execute → update`) over the `scheduler` crate, gRPC clients for the
 //! workers, Prometheus metrics, and the ops layer (per-key limits, usage, upstream
-//! fallback, model aliases). Invariant: workers only mirror block-table
+//! fallback, model aliases), and `stral route` (route/: a router in front of many
+//! replicas, holding no model state). Invariant: workers only mirror block-table
 //! diffs sent from here; a worker can be restarted from scratch.
 //!
 //! # Map
@@ -38,6 +39,7 @@ pub mod launch;
 pub mod metrics;
 pub mod ops;
 pub mod prompt;
+pub mod route;
 pub mod serve;
 pub mod tokenizer;
 

@@ -200,7 +200,7 @@ async fn announce_when_ready(engine: EngineHandle, addr: SocketAddr, http: HttpC
     );
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -67,12 +67,23 @@ pub struct Server {
 
 impl Server {
     pub fn start(model: &Path, tp: usize, extra: &[&str]) -> Server {
-        Self::start_env(model, tp, extra, &[])
+        Self::start_on(free_port(), model, tp, extra, &[])
     }
 
     /// [`Server::start`] with extra environment variables (inherited by its workers).
     pub fn start_env(model: &Path, tp: usize, extra: &[&str], env: &[(&str, &str)]) -> Server {
-        let port = free_port();
+        Self::start_on(free_port(), model, tp, extra, env)
+    }
+
+    /// [`Server::start`] on a given port (e.g. to restart a replica where it was), with
+    /// extra environment variables.
+    pub fn start_on(
+        port: u16,
+        model: &Path,
+        tp: usize,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let log = tmpdir().join(format!("stral-serve-{port}.log"));
         let child = Command::new(stral())
             .args([
@@ -179,6 +190,17 @@ pub fn http(
     body: Option<&str>,
     headers: &[(&str, &str)],
 ) -> std::io::Result<(u16, String)> {
+    http_with_head(port, method, path, body, headers).map(|(s, _, b)| (s, b))
+}
+
+/// [`http`], also returning the response head (status line and headers) as text.
+pub fn http_with_head(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, String, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
     let body = body.unwrap_or("");
@@ -204,14 +226,12 @@ pub fn http(
     let chunked = head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked");
-    Ok((
-        status,
-        if chunked {
-            dechunk(rest)
-        } else {
-            rest.to_string()
-        },
-    ))
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    Ok((status, head.to_string(), body))
 }
 
 fn dechunk(mut s: &str) -> String {
@@ -253,4 +273,103 @@ pub fn next_data(reader: &mut BufReader<TcpStream>) -> Option<String> {
             return Some(d.to_string());
         }
     }
+}
+
+/// A `stral route` child process in front of `replicas` (base URLs); killed on drop.
+pub struct Router {
+    pub child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Router {
+    /// Starts the router and waits for its `/health` (not for replicas to be ready).
+    pub fn start(replicas: &[String], extra: &[&str]) -> Router {
+        let port = free_port();
+        let log =
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("stral-route-{port}.log"));
+        let mut cmd = Command::new(stral());
+        cmd.args(["route", "--port", &port.to_string()]);
+        for r in replicas {
+            cmd.args(["--replica", r]);
+        }
+        let child = cmd
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let r = Router { child, port, log };
+        let t = Instant::now();
+        while !matches!(http(port, "GET", "/health", None, &[]), Ok((200, _))) {
+            assert!(t.elapsed() < Duration::from_secs(30), "router did not start:\n{}", r.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        r
+    }
+
+    /// Waits until the router's `/ready` lists `n` ready replicas.
+    pub fn wait_replicas_ready(&self, n: u64, limit: Duration) {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if let Ok((200, body)) = http(self.port, "GET", "/ready", None, &[]) {
+                let v: Value = serde_json::from_str(&body).unwrap();
+                if v["replicas_ready"].as_u64() == Some(n) {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("router saw fewer than {n} ready replicas after {limit:?}:\n{}", self.log_text());
+    }
+
+    /// One sample of the router's `/metrics`, e.g. `stral_route_replica_ready{replica="…"}`.
+    pub fn sample(&self, series: &str) -> Option<f64> {
+        let (_, text) = http(self.port, "GET", "/metrics", None, &[]).ok()?;
+        metric_sample(&text, series)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of the sample `series` (name plus labels exactly as exposed) in a
+/// Prometheus text exposition.
+pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Runs `stral bench` against `url` with `args`, and returns its JSON report.
+pub fn run_bench(url: &str, args: &[&str]) -> Value {
+    let out_file = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("stral-bench-{}-{}.json", std::process::id(), free_port()));
+    let out = Command::new(stral())
+        .args(["bench", "--url", url, "--json-out"])
+        .arg(&out_file)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stral bench failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(&out_file).unwrap()).unwrap()
 }

@@ -68,6 +68,7 @@ CLI_CONTRACT = {
         "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--max-waiting",
     },
     "worker": {"--listen", "--device"},
+    "route": {"--host", "--port", "--replicas-dns", "--policy"},
 }
 INT_FLAGS = {"--port", "--tp", "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--max-waiting"}
 
@@ -273,7 +274,7 @@ def stral_containers(manifest: str):
         if doc.get("kind") not in ("Deployment", "StatefulSet"):
             continue
         for c in doc["spec"]["template"]["spec"]["containers"]:
-            if c.get("name") in ("stral", "worker"):
+            if c.get("name") in ("stral", "worker", "router"):
                 yield f"{doc['kind']}/{doc['metadata']['name']}", c
 
 
@@ -351,6 +352,33 @@ def check_worker_access(report: Report, manifests: dict[str, str]) -> None:
             if sorted(sources) != ["coordinator", "worker"]:
                 problems.append(f"the worker NetworkPolicy admits {sources}")
         report.check(f"workers take calls only with the token, from the coordinator [{name}]", problems)
+
+
+def check_router(report: Report, manifests: dict[str, str]) -> None:
+    """With router.enabled: the chart's Service reaches the router, the router resolves a
+    headless Service of the coordinators, and the router has a PDB."""
+    for name, manifest in manifests.items():
+        docs = documents(manifest)
+        routers = [d for d in docs if d.get("kind") == "Deployment"
+                   and d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "router"]
+        if not routers:
+            continue
+        problems = []
+        args = routers[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+        dns = args[args.index("--replicas-dns") + 1] if "--replicas-dns" in args else ""
+        services = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "Service"}
+        headless = services.get(dns.split(".")[0])
+        if not headless or headless["spec"].get("clusterIP") != "None" \
+                or headless["spec"]["selector"].get("app.kubernetes.io/component") != "coordinator":
+            problems.append(f"--replicas-dns {dns!r} is not a headless Service of the coordinators")
+        fronts = [s for s in services.values() if s["spec"].get("clusterIP") != "None"
+                  and s["spec"]["selector"].get("app.kubernetes.io/component") == "coordinator"]
+        if fronts:
+            problems.append(f"Services still bypass the router: {[s['metadata']['name'] for s in fronts]}")
+        if not any(d.get("kind") == "PodDisruptionBudget"
+                   and d["spec"]["selector"]["matchLabels"].get("app.kubernetes.io/component") == "router" for d in docs):
+            problems.append("no PodDisruptionBudget for the router")
+        report.check(f"clients reach the replicas through stral route [{name}]", problems)
 
 
 def binary_is_contract_ready(binary: str) -> bool:
@@ -547,6 +575,7 @@ def main() -> int:
     guarded("yamllint", check_yamllint, report, manifests)
     guarded("stral commands", check_commands, report, manifests, binary)
     guarded("worker access", check_worker_access, report, manifests)
+    guarded("router", check_router, report, manifests)
     guarded("metrics", check_metrics, report, manifests)
     guarded("Dockerfile", check_dockerfile, report)
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coordinator::ops::keys::{bearer, digest, lookup, KeySet};
-use coordinator::ops::limits::{admit, Account, Limits};
+use coordinator::ops::limits::{admit, Account, RateLimits};
 
 fn limiter(threads: usize, iters: usize) -> f64 {
     let mut text = String::new();
@@ -29,7 +29,7 @@ fn limiter(threads: usize, iters: usize) -> f64 {
         ));
     }
     let set = KeySet::parse(&text, "bench").unwrap();
-    let team = Account::new(Limits {
+    let team = Account::new(RateLimits {
         tokens_per_minute: Some(1 << 40),
         ..Default::default()
     });

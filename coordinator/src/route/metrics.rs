@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::fleet::Replica;
-use crate::metrics::Histogram;
+use crate::histogram::Histogram;
 
 /// What `GET /metrics` on the router reports.
 #[derive(Default)]

@@ -281,6 +281,11 @@ fn fallback_upstream_serves_spills_splits_and_survives_dead_workers() {
             "upstream-secret",
             "--fallback-ttft-budget-ms",
             "1",
+            // Fail-fast on a worker crash, so step 5's dead workers show as failures
+            // the fallback takes over (with recovery on, a request caught in a crash
+            // waits for the restarted group instead: tests/recovery.rs).
+            "--recovery-timeout",
+            "0",
             "--max-num-seqs",
             "1",
             "--served-model-name",

@@ -73,7 +73,12 @@ fn text_of(v: &Value) -> String {
 
 /// One streaming client: counts its data events in `seen`; returns its text, or the
 /// error event it got.
-fn stream(port: u16, path: &'static str, mut body: Value, seen: Arc<AtomicUsize>) -> Result<String, String> {
+fn stream(
+    port: u16,
+    path: &'static str,
+    mut body: Value,
+    seen: Arc<AtomicUsize>,
+) -> Result<String, String> {
     body["stream"] = json!(true);
     let (_sock, mut reader) = open_stream(port, path, &body);
     let mut text = String::new();
@@ -91,6 +96,37 @@ fn stream(port: u16, path: &'static str, mut body: Value, seen: Arc<AtomicUsize>
     Err(format!("the stream ended without [DONE] after {text:?}"))
 }
 
+/// Requests `0..n`, each streamed by a thread of its own.
+struct Streams {
+    /// Data events each stream has seen so far.
+    seen: Vec<Arc<AtomicUsize>>,
+    /// 1 once a stream ended.
+    done: Vec<Arc<AtomicUsize>>,
+    clients: Vec<std::thread::JoinHandle<Result<String, String>>>,
+}
+
+fn start_streams(server: &Server, n: usize, max_tokens: u32) -> Streams {
+    let seen: Vec<Arc<AtomicUsize>> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let done: Vec<Arc<AtomicUsize>> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let port = server.port;
+    let clients = (0..n)
+        .map(|i| {
+            let (path, body) = request(i, max_tokens);
+            let (seen, done) = (seen[i].clone(), done[i].clone());
+            std::thread::spawn(move || {
+                let r = stream(port, path, body, seen);
+                done.store(1, Ordering::SeqCst);
+                r
+            })
+        })
+        .collect();
+    Streams {
+        seen,
+        done,
+        clients,
+    }
+}
+
 fn kill_worker(server: &Server, which: usize) {
     let pids = server.worker_pids();
     assert_eq!(pids.len(), 2, "expected two workers, found {pids:?}");
@@ -103,7 +139,12 @@ fn kill_worker(server: &Server, which: usize) {
 }
 
 /// Waits until every stream that has not finished saw more than `at[i]` events.
-fn wait_for_progress(seen: &[Arc<AtomicUsize>], at: &[usize], done: &[Arc<AtomicUsize>], limit: Duration) {
+fn wait_for_progress(
+    seen: &[Arc<AtomicUsize>],
+    at: &[usize],
+    done: &[Arc<AtomicUsize>],
+    limit: Duration,
+) {
     let t = Instant::now();
     while t.elapsed() < limit {
         if seen
@@ -138,43 +179,48 @@ fn forty_streams_survive_two_worker_kills_with_unchanged_text_and_no_leaked_bloc
     // The undisturbed run: the same requests, not streamed.
     let want = reference(&server, n, max_tokens);
 
-    let seen: Vec<Arc<AtomicUsize>> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
-    let done: Vec<Arc<AtomicUsize>> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
-    let port = server.port;
-    let clients: Vec<_> = (0..n)
-        .map(|i| {
-            let (path, body) = request(i, max_tokens);
-            let (seen, done) = (seen[i].clone(), done[i].clone());
-            std::thread::spawn(move || {
-                let r = stream(port, path, body, seen);
-                done.store(1, Ordering::SeqCst);
-                r
-            })
-        })
-        .collect();
+    let Streams {
+        seen,
+        done,
+        clients,
+    } = start_streams(&server, n, max_tokens);
     // Everyone is streaming: kill a worker; once every stream moved on, kill one again.
     wait_for_progress(&seen, &vec![2; n], &done, Duration::from_secs(120));
-    assert!(done.iter().all(|d| d.load(Ordering::SeqCst) == 0), "a stream finished before the first kill");
+    assert!(
+        done.iter().all(|d| d.load(Ordering::SeqCst) == 0),
+        "a stream finished before the first kill"
+    );
     kill_worker(&server, 1);
     let at: Vec<usize> = seen.iter().map(|s| s.load(Ordering::SeqCst)).collect();
     wait_for_progress(&seen, &at, &done, Duration::from_secs(120));
-    let unfinished = done.iter().filter(|d| d.load(Ordering::SeqCst) == 0).count();
+    let unfinished = done
+        .iter()
+        .filter(|d| d.load(Ordering::SeqCst) == 0)
+        .count();
     kill_worker(&server, 0);
 
     let mut errors = Vec::new();
     for (i, c) in clients.into_iter().enumerate() {
         match c.join().unwrap() {
-            Ok(text) => assert_eq!(text, want[i], "request {i}: the recovered stream's text differs"),
+            Ok(text) => assert_eq!(
+                text, want[i],
+                "request {i}: the recovered stream's text differs"
+            ),
             Err(e) => errors.push(format!("request {i}: {e}")),
         }
     }
     assert!(errors.is_empty(), "client-visible errors: {errors:#?}");
-    assert!(unfinished > 0, "no request was streaming at the second kill");
+    assert!(
+        unfinished > 0,
+        "no request was streaming at the second kill"
+    );
     assert_eq!(server.metric("stral_worker_restarts_total"), 2.0);
     assert!(server.metric("stral_requests_recovered_total") >= n as f64);
     assert_eq!(server.metric("stral_recovery_seconds_count"), 2.0);
     assert!(
-        wait_until(Duration::from_secs(5), || server.metric("stral_kv_blocks_used") == 0.0),
+        wait_until(Duration::from_secs(5), || server
+            .metric("stral_kv_blocks_used")
+            == 0.0),
         "blocks leaked"
     );
     println!("40 streams, 2 kills ({unfinished} streams still running at the second): 0 errors");
@@ -200,20 +246,11 @@ fn a_request_that_crashes_the_workers_every_time_fails_with_500_and_the_rest_com
     let n = 6;
     let max_tokens = 40;
     let want = reference(&server, n, max_tokens);
-    let seen: Vec<Arc<AtomicUsize>> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
-    let done: Vec<Arc<AtomicUsize>> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
-    let port = server.port;
-    let clients: Vec<_> = (0..n)
-        .map(|i| {
-            let (path, body) = request(i, max_tokens);
-            let (seen, done) = (seen[i].clone(), done[i].clone());
-            std::thread::spawn(move || {
-                let r = stream(port, path, body, seen);
-                done.store(1, Ordering::SeqCst);
-                r
-            })
-        })
-        .collect();
+    let Streams {
+        seen,
+        done,
+        clients,
+    } = start_streams(&server, n, max_tokens);
     wait_for_progress(&seen, &vec![2; n], &done, Duration::from_secs(120));
     let (status, v) = server.post(
         "/v1/fim/completions",
@@ -223,14 +260,23 @@ fn a_request_that_crashes_the_workers_every_time_fails_with_500_and_the_rest_com
     let message = v["message"].as_str().unwrap_or_default();
     assert!(message.contains("crashed"), "{v}");
     for (i, c) in clients.into_iter().enumerate() {
-        let text = c.join().unwrap().unwrap_or_else(|e| panic!("request {i}: {e}"));
+        let text = c
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
         assert_eq!(text, want[i], "request {i}");
     }
-    assert_eq!(server.metric("stral_worker_restarts_total"), 2.0, "one crash, one retry, then detected");
+    assert_eq!(
+        server.metric("stral_worker_restarts_total"),
+        2.0,
+        "one crash, one retry, then detected"
+    );
     let (status, v) = server.post(request(0, 4).0, &request(0, 4).1);
     assert_eq!(status, 200, "the server keeps serving: {v}");
     assert!(
-        wait_until(Duration::from_secs(5), || server.metric("stral_kv_blocks_used") == 0.0),
+        wait_until(Duration::from_secs(5), || server
+            .metric("stral_kv_blocks_used")
+            == 0.0),
         "blocks leaked"
     );
 }

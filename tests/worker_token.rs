@@ -81,9 +81,16 @@ fn a_worker_beyond_loopback_needs_a_token_and_refuses_callers_without_it() {
     let addr = format!("127.0.0.1:{port}");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let none = rt.block_on(init_with(&addr, &model, None)).unwrap_err();
-    assert!(none.contains("refused the coordinator") && none.contains("requires a token"), "{none}");
+    assert!(
+        none.contains("refused the coordinator") && none.contains("requires a token"),
+        "{none}"
+    );
     let wrong = rt
-        .block_on(init_with(&addr, &model, Some("ffffffffffffffffffffffffffffffff")))
+        .block_on(init_with(
+            &addr,
+            &model,
+            Some("ffffffffffffffffffffffffffffffff"),
+        ))
         .unwrap_err();
     assert!(wrong.contains("wrong worker token"), "{wrong}");
     rt.block_on(init_with(&addr, &model, Some(TOKEN)))

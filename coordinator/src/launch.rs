@@ -145,7 +145,11 @@ impl TokenFile {
         let mut bytes = [0u8; 32];
         std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
         let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        let dir = std::env::temp_dir().join(format!("stral-serve-{}-{}", std::process::id(), &token[..8]));
+        let dir = std::env::temp_dir().join(format!(
+            "stral-serve-{}-{}",
+            std::process::id(),
+            &token[..8]
+        ));
         let mut builder = std::fs::DirBuilder::new();
         #[cfg(unix)]
         std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);

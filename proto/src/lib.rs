@@ -78,7 +78,9 @@ pub mod auth {
             assert!(read_token_file(&f).unwrap_err().contains("at least 16"));
             std::fs::write(&f, "0123456789 abcdef0123").unwrap();
             assert!(read_token_file(&f).unwrap_err().contains("printable"));
-            assert!(read_token_file(&dir.join("missing")).unwrap_err().contains("cannot read"));
+            assert!(read_token_file(&dir.join("missing"))
+                .unwrap_err()
+                .contains("cannot read"));
             std::fs::remove_dir_all(&dir).unwrap();
         }
     }

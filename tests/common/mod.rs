@@ -303,7 +303,11 @@ impl Router {
         let r = Router { child, port, log };
         let t = Instant::now();
         while !matches!(http(port, "GET", "/health", None, &[]), Ok((200, _))) {
-            assert!(t.elapsed() < Duration::from_secs(30), "router did not start:\n{}", r.log_text());
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "router did not start:\n{}",
+                r.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         r
@@ -321,7 +325,10 @@ impl Router {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("router saw fewer than {n} ready replicas after {limit:?}:\n{}", self.log_text());
+        panic!(
+            "router saw fewer than {n} ready replicas after {limit:?}:\n{}",
+            self.log_text()
+        );
     }
 
     /// One sample of the router's `/metrics`, e.g. `stral_route_replica_ready{replica="…"}`.
@@ -356,8 +363,11 @@ pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
 
 /// Runs `stral bench` against `url` with `args`, and returns its JSON report.
 pub fn run_bench(url: &str, args: &[&str]) -> Value {
-    let out_file = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("stral-bench-{}-{}.json", std::process::id(), free_port()));
+    let out_file = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "stral-bench-{}-{}.json",
+        std::process::id(),
+        free_port()
+    ));
     let out = Command::new(stral())
         .args(["bench", "--url", url, "--json-out"])
         .arg(&out_file)

@@ -76,10 +76,20 @@ mod tests {
 
     #[test]
     fn loopback_addresses_are_recognised() {
-        for a in ["127.0.0.1:50051", "127.0.0.2:1", "[::1]:50051", "localhost:9"] {
+        for a in [
+            "127.0.0.1:50051",
+            "127.0.0.2:1",
+            "[::1]:50051",
+            "localhost:9",
+        ] {
             assert!(is_loopback(a), "{a}");
         }
-        for a in ["0.0.0.0:50051", "[::]:50051", "10.1.2.3:50051", "192.168.0.1:1"] {
+        for a in [
+            "0.0.0.0:50051",
+            "[::]:50051",
+            "10.1.2.3:50051",
+            "192.168.0.1:1",
+        ] {
             assert!(!is_loopback(a), "{a}");
         }
     }
@@ -100,14 +110,16 @@ mod tests {
         let err = guarded(Request::new(())).unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
         let mut wrong = Request::new(());
-        wrong
-            .metadata_mut()
-            .insert(proto::auth::TOKEN_HEADER, "0123456789abcdeX".parse().unwrap());
+        wrong.metadata_mut().insert(
+            proto::auth::TOKEN_HEADER,
+            "0123456789abcdeX".parse().unwrap(),
+        );
         assert_eq!(guarded(wrong).unwrap_err().message(), "wrong worker token");
         let mut right = Request::new(());
-        right
-            .metadata_mut()
-            .insert(proto::auth::TOKEN_HEADER, "0123456789abcdef".parse().unwrap());
+        right.metadata_mut().insert(
+            proto::auth::TOKEN_HEADER,
+            "0123456789abcdef".parse().unwrap(),
+        );
         assert!(guarded(right).is_ok());
     }
 }

@@ -20,7 +20,9 @@ fn armed() -> Option<u32> {
 pub fn crash_if_fed<'a>(mut tokens: impl Iterator<Item = &'a [u32]>) {
     if let Some(poison) = armed() {
         if tokens.any(|t| t.contains(&poison)) {
-            eprintln!("{CRASH_ON_TOKEN}={poison}: this step feeds token {poison}; aborting the worker");
+            eprintln!(
+                "{CRASH_ON_TOKEN}={poison}: this step feeds token {poison}; aborting the worker"
+            );
             std::process::abort();
         }
     }

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::api::{EngineError, EngineEvent, FinishReason, GenerateRequest, RequestId, TokenEvent};
-use super::executor::{ExecError, Executor, GroupFacts, Sampled, PlannedSeq, WorkPlan};
+use super::executor::{ExecError, Executor, GroupFacts, PlannedSeq, Sampled, WorkPlan};
 use super::{Command, EngineHandle, Shared, StepPhases};
 use crate::histogram::Histogram;
 
@@ -429,7 +429,9 @@ impl<E: Executor> Engine<E> {
         let priority = live.request.priority;
         match sched.add(id, tokens, left.max(1), priority, self.now()) {
             Ok(()) => {
-                self.shared.requests_recovered.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .requests_recovered
+                    .fetch_add(1, Ordering::Relaxed);
                 true
             }
             Err(e) => {

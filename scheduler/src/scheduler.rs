@@ -504,12 +504,7 @@ impl Scheduler {
                 self.running.swap_remove(pos);
             }
             SeqState::Waiting => {
-                let queue = &mut self.waiting[seq.priority as usize];
-                let pos = queue
-                    .iter()
-                    .position(|&w| w == slot)
-                    .expect("waiting sequence is queued");
-                queue.remove(pos);
+                unqueue(&mut self.waiting[seq.priority as usize], slot);
             }
         }
         seq.table.release_all(&mut self.pool);
@@ -739,12 +734,7 @@ impl Scheduler {
                 break;
             };
             let seq = self.seqs.get_mut(slot);
-            let queue = &mut self.waiting[seq.priority as usize];
-            let pos = queue
-                .iter()
-                .position(|&w| w == slot)
-                .expect("waiting sequence is queued");
-            queue.remove(pos);
+            unqueue(&mut self.waiting[seq.priority as usize], slot);
             let skipped = hits.len() * bs;
             for (j, &block) in hits.iter().enumerate() {
                 if j < keep_from {
@@ -780,4 +770,13 @@ impl Scheduler {
         }
         self.running.extend(admitted);
     }
+}
+
+/// Takes `slot` out of its class's waiting queue, where it must be.
+fn unqueue(queue: &mut VecDeque<u32>, slot: u32) {
+    let pos = queue
+        .iter()
+        .position(|&w| w == slot)
+        .expect("waiting sequence is queued");
+    queue.remove(pos);
 }

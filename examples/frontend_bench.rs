@@ -78,7 +78,7 @@ impl DirectEngine {
             let exec = GrpcExecutor::new(GrpcGroupConfig {
                 workers: workers.grpc_addrs.clone(),
                 collective_peers: workers.collective_addrs.clone(),
-            token: Some(workers.token.clone()),
+                token: Some(workers.token.clone()),
                 model_path: model.to_string_lossy().into_owned(),
                 device: "null".into(),
                 kv_cache_bytes: 512 << 20,

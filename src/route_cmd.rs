@@ -37,7 +37,12 @@ pub struct RouteArgs {
     #[arg(long, default_value_t = 8080)]
     port: u16,
     /// A replica's base URL, e.g. http://10.0.0.5:8080 (repeatable).
-    #[arg(long = "replica", value_name = "URL", required_unless_present = "replicas_dns", conflicts_with = "replicas_dns")]
+    #[arg(
+        long = "replica",
+        value_name = "URL",
+        required_unless_present = "replicas_dns",
+        conflicts_with = "replicas_dns"
+    )]
     replicas: Vec<String>,
     /// NAME:PORT of a headless Service: every address it resolves to is a replica,
     /// re-resolved every --dns-interval-ms.
@@ -98,7 +103,11 @@ impl RouteArgs {
         }
         let source = match self.replicas_dns {
             Some(name) => {
-                if name.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+                if name
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_none()
+                {
                     anyhow::bail!("--replicas-dns {name}: expected NAME:PORT");
                 }
                 ReplicaSource::Dns(name)

@@ -31,11 +31,21 @@ fn fim(i: usize) -> String {
 
 /// Status, the `x-stral-replica` header, and the body of one FIM request.
 fn post_fim(router: &Router, i: usize) -> (u16, String, String) {
-    let (s, head, body) =
-        http_with_head(router.port, "POST", "/v1/fim/completions", Some(&fim(i)), &[]).unwrap();
+    let (s, head, body) = http_with_head(
+        router.port,
+        "POST",
+        "/v1/fim/completions",
+        Some(&fim(i)),
+        &[],
+    )
+    .unwrap();
     let replica = head
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-stral-replica: ").map(str::to_string))
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-stral-replica: ")
+                .map(str::to_string)
+        })
         .unwrap_or_default();
     (s, replica, body)
 }
@@ -46,9 +56,22 @@ fn keystroke_in_background(port: u16, devs: u32, secs: u32) -> std::thread::Join
         let report = run_bench(
             &url(port),
             &[
-                "--workload", "keystroke", "--endpoint", "fim", "--concurrency", &devs.to_string(),
-                "--duration", &secs.to_string(), "--keystroke-ms", "25", "--think-ms", "100",
-                "--fim-max-tokens", "16", "--request-timeout", "30",
+                "--workload",
+                "keystroke",
+                "--endpoint",
+                "fim",
+                "--concurrency",
+                &devs.to_string(),
+                "--duration",
+                &secs.to_string(),
+                "--keystroke-ms",
+                "25",
+                "--think-ms",
+                "100",
+                "--fim-max-tokens",
+                "16",
+                "--request-timeout",
+                "30",
             ],
         );
         report["runs"][0].clone()
@@ -68,7 +91,12 @@ fn until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
 
 #[test]
 fn a_killed_replica_is_ejected_within_a_second_and_readmitted_after_restart() {
-    let mut fleet: Vec<Server> = (0..3).map(|_| std::thread::spawn(replica)).collect::<Vec<_>>().into_iter().map(|h| h.join().unwrap()).collect();
+    let mut fleet: Vec<Server> = (0..3)
+        .map(|_| std::thread::spawn(replica))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
     let urls: Vec<String> = fleet.iter().map(|s| url(s.port)).collect();
     let router = Router::start(&urls, &[]);
     router.wait_replicas_ready(3, Duration::from_secs(30));
@@ -80,13 +108,21 @@ fn a_killed_replica_is_ejected_within_a_second_and_readmitted_after_restart() {
     let mut pids = victim.worker_pids();
     pids.push(victim.child.id());
     for pid in &pids {
-        Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+        Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
     }
     let ready = format!("stral_route_replica_ready{{replica=\"{dead}\"}}");
-    let ejected = until(Duration::from_secs(5), || router.sample(&ready) == Some(0.0));
+    let ejected = until(Duration::from_secs(5), || {
+        router.sample(&ready) == Some(0.0)
+    });
     drop(victim);
     let ejected = ejected.expect("the killed replica was never ejected");
-    assert!(ejected < Duration::from_secs(1), "ejected after {ejected:?}");
+    assert!(
+        ejected < Duration::from_secs(1),
+        "ejected after {ejected:?}"
+    );
     // New requests avoid it (and all succeed).
     for i in 0..12 {
         let (s, to, body) = post_fim(&router, i);
@@ -96,17 +132,29 @@ fn a_killed_replica_is_ejected_within_a_second_and_readmitted_after_restart() {
     let run = run.join().unwrap();
     // Only requests already streaming from the killed replica may fail.
     let cut = router
-        .sample(&format!("stral_route_upstream_errors_total{{replica=\"{dead}\",kind=\"stream\"}}"))
+        .sample(&format!(
+            "stral_route_upstream_errors_total{{replica=\"{dead}\",kind=\"stream\"}}"
+        ))
         .unwrap_or(0.0);
     let failed = run["failed"].as_u64().unwrap() as f64;
     eprintln!("kill -9 mid-run: {} completed, {failed} failed, {cut} streams cut by the kill, ejected after {ejected:?}", run["completed"]);
-    assert!(failed <= cut, "{failed} failed but only {cut} were streaming from the dead replica: {}", run["errors"]);
+    assert!(
+        failed <= cut,
+        "{failed} failed but only {cut} were streaming from the dead replica: {}",
+        run["errors"]
+    );
     assert!(run["completed"].as_u64().unwrap() > 10, "{run}");
 
     // Restarted on its port, it is readmitted and gets its share again.
     let back = Server::start_on(port, Path::new("synthetic:tiny"), 1, REPLICA_ARGS, &[]);
-    let readmitted = until(Duration::from_secs(3), || router.sample(&ready) == Some(1.0));
-    assert!(readmitted.is_some(), "not readmitted:\n{}", router.log_text());
+    let readmitted = until(Duration::from_secs(3), || {
+        router.sample(&ready) == Some(1.0)
+    });
+    assert!(
+        readmitted.is_some(),
+        "not readmitted:\n{}",
+        router.log_text()
+    );
     let to_it = (0..12).filter(|i| post_fim(&router, *i).1 == dead).count();
     assert!(to_it > 0, "no request went to the restarted replica");
     drop(back);
@@ -114,19 +162,38 @@ fn a_killed_replica_is_ejected_within_a_second_and_readmitted_after_restart() {
 
 #[test]
 fn a_replica_stopped_with_sigterm_mid_run_fails_no_request() {
-    let mut fleet: Vec<Server> = (0..3).map(|_| std::thread::spawn(replica)).collect::<Vec<_>>().into_iter().map(|h| h.join().unwrap()).collect();
+    let mut fleet: Vec<Server> = (0..3)
+        .map(|_| std::thread::spawn(replica))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
     let urls: Vec<String> = fleet.iter().map(|s| url(s.port)).collect();
     let router = Router::start(&urls, &[]);
     router.wait_replicas_ready(3, Duration::from_secs(30));
     let run = keystroke_in_background(router.port, 8, 4);
     std::thread::sleep(Duration::from_millis(1500));
-    Command::new("kill").args(["-TERM", &fleet[1].child.id().to_string()]).status().unwrap();
-    let exited = until(Duration::from_secs(15), || matches!(fleet[1].child.try_wait(), Ok(Some(_))));
+    Command::new("kill")
+        .args(["-TERM", &fleet[1].child.id().to_string()])
+        .status()
+        .unwrap();
+    let exited = until(Duration::from_secs(15), || {
+        matches!(fleet[1].child.try_wait(), Ok(Some(_)))
+    });
     let run = run.join().unwrap();
-    eprintln!("SIGTERM mid-run: {} completed, {} failed, replica exited after {exited:?}", run["completed"], run["failed"]);
+    eprintln!(
+        "SIGTERM mid-run: {} completed, {} failed, replica exited after {exited:?}",
+        run["completed"], run["failed"]
+    );
     assert_eq!(run["failed"], 0, "{}", run["errors"]);
     assert!(exited.is_some(), "the replica did not exit after SIGTERM");
-    assert_eq!(router.sample(&format!("stral_route_replica_ready{{replica=\"{}\"}}", urls[1])), Some(0.0));
+    assert_eq!(
+        router.sample(&format!(
+            "stral_route_replica_ready{{replica=\"{}\"}}",
+            urls[1]
+        )),
+        Some(0.0)
+    );
     for i in 0..6 {
         assert_eq!(post_fim(&router, i).0, 200);
     }
@@ -172,7 +239,12 @@ fn serve_hostile(mut conn: TcpStream, mode: Hostile) {
     }
     let mut body = vec![0; len];
     let _ = reader.read_exact(&mut body);
-    let ok = |b: &str| format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}", b.len());
+    let ok = |b: &str| {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+            b.len()
+        )
+    };
     let reply = if line.starts_with("GET /ready ") {
         ok("{\"status\":\"ready\"}")
     } else if line.starts_with("GET /metrics ") {
@@ -213,14 +285,26 @@ fn hostile_upstreams_get_clear_errors_and_the_router_keeps_serving() {
         assert_eq!(s, 504, "{body}");
         let e = error_body(&body);
         assert_eq!(e["code"], "gateway_timeout");
-        assert!(e["message"].as_str().unwrap().contains("no response within"), "{e}");
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains("no response within"),
+            "{e}"
+        );
     }
 
     let r = Router::start(&[garbage.clone()], &[]);
     r.wait_replicas_ready(1, Duration::from_secs(10));
     let (s, _, body) = post_fim(&r, 0);
     assert_eq!(s, 502, "{body}");
-    assert!(error_body(&body)["message"].as_str().unwrap().contains("invalid response"), "{body}");
+    assert!(
+        error_body(&body)["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid response"),
+        "{body}"
+    );
 
     let r = Router::start(&[cuts.clone()], &[]);
     r.wait_replicas_ready(1, Duration::from_secs(10));
@@ -234,9 +318,17 @@ fn hostile_upstreams_get_clear_errors_and_the_router_keeps_serving() {
     assert_eq!(events.len(), 2, "{events:?}");
     assert!(events[0].contains("\"Hel\""), "{events:?}");
     let e = error_body(&events[1]);
-    assert!(e["message"].as_str().unwrap().contains("broke the response"), "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("broke the response"),
+        "{e}"
+    );
     assert_eq!(
-        r.sample(&format!("stral_route_upstream_errors_total{{replica=\"{cuts}\",kind=\"stream\"}}")),
+        r.sample(&format!(
+            "stral_route_upstream_errors_total{{replica=\"{cuts}\",kind=\"stream\"}}"
+        )),
         Some(1.0)
     );
 

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{http_with_head, open_stream, next_data, run_bench, Router, Server};
+use common::{http_with_head, next_data, open_stream, run_bench, Router, Server};
 use serde_json::{json, Value};
 
 const REPLICA_ARGS: &[&str] = &["--worker-backend", "sim", "--gpu", "h100"];
@@ -21,7 +21,10 @@ fn start_replicas(n: usize) -> Vec<Server> {
 }
 
 fn urls(servers: &[Server]) -> Vec<String> {
-    servers.iter().map(|s| format!("http://127.0.0.1:{}", s.port)).collect()
+    servers
+        .iter()
+        .map(|s| format!("http://127.0.0.1:{}", s.port))
+        .collect()
 }
 
 /// The fleet's prefix-cache hit rate: each replica's rate weighted by the prompt
@@ -41,9 +44,24 @@ fn keystroke_run(port: u16) -> Value {
     let report = run_bench(
         &format!("http://127.0.0.1:{port}"),
         &[
-            "--workload", "keystroke", "--endpoint", "fim", "--concurrency", "24", "--duration",
-            "4", "--keystroke-ms", "25", "--keystrokes-per-request", "6", "--think-ms", "100",
-            "--fim-max-tokens", "8", "--seed", "11",
+            "--workload",
+            "keystroke",
+            "--endpoint",
+            "fim",
+            "--concurrency",
+            "24",
+            "--duration",
+            "4",
+            "--keystroke-ms",
+            "25",
+            "--keystrokes-per-request",
+            "6",
+            "--think-ms",
+            "100",
+            "--fim-max-tokens",
+            "8",
+            "--seed",
+            "11",
         ],
     );
     let run = report["runs"][0].clone();
@@ -73,10 +91,18 @@ fn affinity_keeps_one_replicas_prefix_cache_hit_rate_and_beats_round_robin() {
         let run = keystroke_run(router.port);
         for u in urls(&fleet) {
             let ok = format!("stral_route_requests_total{{replica=\"{u}\",status=\"200\"}}");
-            assert!(router.sample(&ok).unwrap_or(0.0) > 0.0, "{policy}: replica {u} got no requests:\n{}", router.log_text());
+            assert!(
+                router.sample(&ok).unwrap_or(0.0) > 0.0,
+                "{policy}: replica {u} got no requests:\n{}",
+                router.log_text()
+            );
         }
-        let spills = router.sample("stral_route_affinity_total{outcome=\"spill\"}").unwrap();
-        let hits = router.sample("stral_route_affinity_total{outcome=\"hit\"}").unwrap();
+        let spills = router
+            .sample("stral_route_affinity_total{outcome=\"spill\"}")
+            .unwrap();
+        let hits = router
+            .sample("stral_route_affinity_total{outcome=\"hit\"}")
+            .unwrap();
         (fleet_hit_rate(&fleet), ttft(&run), hits, spills)
     };
     let affinity = through_router("affinity");
@@ -85,7 +111,10 @@ fn affinity_keeps_one_replicas_prefix_cache_hit_rate_and_beats_round_robin() {
         "prefix-cache hit rate (TTFT p50/p95 ms): one replica {:.3} ({:.1}/{:.1}); 3 replicas affinity {:.3} ({:.1}/{:.1}, {} hits, {} spills); 3 replicas round-robin {:.3} ({:.1}/{:.1})",
         single.0, single.1 .0, single.1 .1, affinity.0, affinity.1 .0, affinity.1 .1, affinity.2, affinity.3, rr.0, rr.1 .0, rr.1 .1
     );
-    assert!(affinity.2 > 0.0 && rr.2 == 0.0, "round-robin counts no affinity: {rr:?}");
+    assert!(
+        affinity.2 > 0.0 && rr.2 == 0.0,
+        "round-robin counts no affinity: {rr:?}"
+    );
     assert!(
         affinity.0 >= 0.9 * single.0,
         "affinity {:.3} not within 10% of one replica's {:.3}",
@@ -115,26 +144,63 @@ fn the_router_speaks_the_replicas_api_and_names_the_replica() {
     assert_eq!((s, rs), (200, 200));
     let ids = |b: &str| serde_json::from_str::<Value>(b).unwrap()["data"].clone();
     assert_eq!(ids(&direct)["id"], ids(&routed)["id"]);
-    assert!(head.to_ascii_lowercase().contains("x-stral-replica: http://127.0.0.1:"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-stral-replica: http://127.0.0.1:"),
+        "{head}"
+    );
 
     // A non-streaming FIM request: the replica's answer (the sim backend's tokens are
     // pseudo-random per sequence, so compare the shape and the prompt accounting).
     let fim = json!({"model": "codestral-latest", "prompt": "def add(a, b):\n    ", "suffix": "\n\nprint(add(1, 2))", "max_tokens": 8, "temperature": 0});
-    let (s, head, body) = http_with_head(router.port, "POST", "/v1/fim/completions", Some(&fim.to_string()), &[]).unwrap();
+    let (s, head, body) = http_with_head(
+        router.port,
+        "POST",
+        "/v1/fim/completions",
+        Some(&fim.to_string()),
+        &[],
+    )
+    .unwrap();
     assert_eq!(s, 200, "{body}");
     let replica = head
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-stral-replica: ").map(str::to_string))
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-stral-replica: ")
+                .map(str::to_string)
+        })
         .unwrap();
     let port: u16 = replica.rsplit(':').next().unwrap().trim().parse().unwrap();
-    let (_, direct) = fleet.iter().find(|s| s.port == port).unwrap().post("/v1/fim/completions", &fim);
+    let (_, direct) = fleet
+        .iter()
+        .find(|s| s.port == port)
+        .unwrap()
+        .post("/v1/fim/completions", &fim);
     let routed: Value = serde_json::from_str(&body).unwrap();
-    assert!(routed["choices"][0]["message"]["content"].is_string(), "{routed}");
+    assert!(
+        routed["choices"][0]["message"]["content"].is_string(),
+        "{routed}"
+    );
     assert_eq!(routed["object"], direct["object"]);
-    assert_eq!(routed["usage"]["prompt_tokens"], direct["usage"]["prompt_tokens"]);
+    assert_eq!(
+        routed["usage"]["prompt_tokens"],
+        direct["usage"]["prompt_tokens"]
+    );
     // The same request again lands on the same replica (affinity).
-    let (_, head2, _) = http_with_head(router.port, "POST", "/v1/fim/completions", Some(&fim.to_string()), &[]).unwrap();
-    assert!(head2.to_ascii_lowercase().contains(&format!("x-stral-replica: {replica}")), "{head2}");
+    let (_, head2, _) = http_with_head(
+        router.port,
+        "POST",
+        "/v1/fim/completions",
+        Some(&fim.to_string()),
+        &[],
+    )
+    .unwrap();
+    assert!(
+        head2
+            .to_ascii_lowercase()
+            .contains(&format!("x-stral-replica: {replica}")),
+        "{head2}"
+    );
 
     // Streaming passes through: chunks, then [DONE].
     let mut stream = fim.clone();
@@ -144,20 +210,39 @@ fn the_router_speaks_the_replicas_api_and_names_the_replica() {
     while let Some(d) = next_data(&mut reader) {
         events.push(d);
     }
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
     assert!(events.len() >= 3, "{events:?}");
     let first: Value = serde_json::from_str(&events[0]).unwrap();
     assert_eq!(first["object"], "chat.completion.chunk");
 
     // A replica's errors come back as they are, in the API's shape.
-    let (s, _, body) = http_with_head(router.port, "POST", "/v1/fim/completions", Some("{not json"), &[]).unwrap();
+    let (s, _, body) = http_with_head(
+        router.port,
+        "POST",
+        "/v1/fim/completions",
+        Some("{not json"),
+        &[],
+    )
+    .unwrap();
     assert_eq!(s, 400, "{body}");
     let e: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(e["object"], "error");
     // The router's own endpoints.
     let (s, _, body) = get(router.port, "/ready");
     assert_eq!(s, 200, "{body}");
-    assert!(router.sample("stral_route_affinity_total{outcome=\"hit\"}").unwrap() >= 2.0);
+    assert!(
+        router
+            .sample("stral_route_affinity_total{outcome=\"hit\"}")
+            .unwrap()
+            >= 2.0
+    );
     let text = get(router.port, "/metrics").2;
-    assert!(text.contains("stral_route_upstream_latency_seconds_bucket{replica=\"http://127.0.0.1:"), "{text}");
+    assert!(
+        text.contains("stral_route_upstream_latency_seconds_bucket{replica=\"http://127.0.0.1:"),
+        "{text}"
+    );
 }

@@ -250,7 +250,11 @@ mod tests {
                 let (deltas, _) = stream(&mut detok(&[], strip), &ids);
                 let (texts, bytes) = token_texts(&mut detok(&[], strip), &ids);
                 assert_eq!(texts, deltas.concat(), "{text:?} strip={strip}");
-                assert_eq!(bytes, deltas.concat().into_bytes(), "{text:?} strip={strip}");
+                assert_eq!(
+                    bytes,
+                    deltas.concat().into_bytes(),
+                    "{text:?} strip={strip}"
+                );
             }
         }
         // A continuation keeps the space a single-id decode would strip.
@@ -270,7 +274,11 @@ mod tests {
             d.push(byte(b));
         }
         assert_eq!(got, ["", "", "", "🦫"]);
-        assert_eq!(d.token_text(byte(0x41)), d.token_text(byte(0x41)), "no state change");
+        assert_eq!(
+            d.token_text(byte(0x41)),
+            d.token_text(byte(0x41)),
+            "no state change"
+        );
     }
 
     #[test]

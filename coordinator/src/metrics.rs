@@ -48,15 +48,46 @@ impl Metrics {
     fn render_counters(&self, out: &mut String, engine: &EngineStats) {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         for (name, help, v) in [
-            ("stral_prompt_tokens_total", "Prompt tokens admitted.", load(&self.prompt_tokens)),
-            ("stral_generation_tokens_total", "Tokens generated.", load(&self.generation_tokens)),
-            ("stral_requests_aborted_total", "Requests aborted by their client.", load(&self.aborted)),
-            ("stral_engine_steps_total", "Engine steps executed.", engine.steps),
-            ("stral_preemptions_total", "Sequences preempted by recompute.", engine.preemptions),
-            ("stral_worker_restarts_total", "Worker groups brought back after a crash.", engine.worker_restarts),
-            ("stral_requests_recovered_total", "Requests recomputed on a new worker group after a crash.", engine.requests_recovered),
+            (
+                "stral_prompt_tokens_total",
+                "Prompt tokens admitted.",
+                load(&self.prompt_tokens),
+            ),
+            (
+                "stral_generation_tokens_total",
+                "Tokens generated.",
+                load(&self.generation_tokens),
+            ),
+            (
+                "stral_requests_aborted_total",
+                "Requests aborted by their client.",
+                load(&self.aborted),
+            ),
+            (
+                "stral_engine_steps_total",
+                "Engine steps executed.",
+                engine.steps,
+            ),
+            (
+                "stral_preemptions_total",
+                "Sequences preempted by recompute.",
+                engine.preemptions,
+            ),
+            (
+                "stral_worker_restarts_total",
+                "Worker groups brought back after a crash.",
+                engine.worker_restarts,
+            ),
+            (
+                "stral_requests_recovered_total",
+                "Requests recomputed on a new worker group after a crash.",
+                engine.requests_recovered,
+            ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
         }
         let _ = writeln!(out, "# HELP stral_requests_total HTTP requests by endpoint and status.\n# TYPE stral_requests_total counter");
         for ((endpoint, status), n) in self.requests.lock().expect("metrics lock").iter() {
@@ -92,14 +123,46 @@ fn render_gauges(out: &mut String, engine: &EngineStats, ready: bool) {
         0.0
     };
     for (name, help, v) in [
-        ("stral_ready", "1 when a worker group is loaded and serving.", ready as u8 as f64),
-        ("stral_queue_depth", "Requests waiting to be scheduled.", engine.waiting as f64),
-        ("stral_requests_running", "Sequences holding KV blocks (prefilling or decoding).", engine.running as f64),
-        ("stral_requests_waiting", "Sequences waiting for admission.", engine.waiting as f64),
-        ("stral_kv_blocks_used", "KV cache blocks referenced by sequences.", engine.kv_blocks_used as f64),
-        ("stral_kv_blocks_total", "KV cache blocks in the pool.", engine.kv_blocks_total as f64),
-        ("stral_kv_usage_ratio", "Fraction of KV cache blocks in use.", kv_usage),
-        ("stral_prefix_cache_hit_rate", "Fraction of prompt tokens served from the prefix cache.", engine.prefix_cache_hit_rate),
+        (
+            "stral_ready",
+            "1 when a worker group is loaded and serving.",
+            ready as u8 as f64,
+        ),
+        (
+            "stral_queue_depth",
+            "Requests waiting to be scheduled.",
+            engine.waiting as f64,
+        ),
+        (
+            "stral_requests_running",
+            "Sequences holding KV blocks (prefilling or decoding).",
+            engine.running as f64,
+        ),
+        (
+            "stral_requests_waiting",
+            "Sequences waiting for admission.",
+            engine.waiting as f64,
+        ),
+        (
+            "stral_kv_blocks_used",
+            "KV cache blocks referenced by sequences.",
+            engine.kv_blocks_used as f64,
+        ),
+        (
+            "stral_kv_blocks_total",
+            "KV cache blocks in the pool.",
+            engine.kv_blocks_total as f64,
+        ),
+        (
+            "stral_kv_usage_ratio",
+            "Fraction of KV cache blocks in use.",
+            kv_usage,
+        ),
+        (
+            "stral_prefix_cache_hit_rate",
+            "Fraction of prompt tokens served from the prefix cache.",
+            engine.prefix_cache_hit_rate,
+        ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     }

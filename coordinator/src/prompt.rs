@@ -361,10 +361,7 @@ mod tests {
             ChatMessage::assistant(""),
             ChatMessage::user("q2"),
         ]);
-        assert!(matches!(
-            err,
-            Err(PromptError::EmptyAssistant { index: 1 })
-        ));
+        assert!(matches!(err, Err(PromptError::EmptyAssistant { index: 1 })));
     }
 
     #[test]

@@ -491,7 +491,10 @@ async fn metrics_report_requests_tokens_latencies_and_kv_usage() {
     // step's wall time, and the steps fit inside the request, timed by the HTTP layer.
     let wall = value("stral_step_duration_seconds_sum");
     let measured = value("stral_step_engine_seconds_sum") + value("stral_step_worker_seconds_sum");
-    assert!(measured <= wall + 1e-6 * steps, "engine + worker {measured} s > step wall time {wall} s");
+    assert!(
+        measured <= wall + 1e-6 * steps,
+        "engine + worker {measured} s > step wall time {wall} s"
+    );
     let e2e = value("stral_e2e_request_latency_seconds_sum");
     assert!(wall <= e2e, "steps took {wall} s within a {e2e} s request");
 }
@@ -584,14 +587,21 @@ async fn stream_chunks(app: &axum::Router, path: &str, mut body: Value) -> Vec<V
 
 /// Checks chat `logprobs.content` entries against `text` (greedy, `top` alternatives).
 fn check_chat_logprobs(content: &[Value], text: &str, top: usize) {
-    let tokens: String = content.iter().map(|c| c["token"].as_str().unwrap()).collect();
+    let tokens: String = content
+        .iter()
+        .map(|c| c["token"].as_str().unwrap())
+        .collect();
     assert_eq!(tokens, text, "chat logprob tokens concatenate to the text");
     let bytes: Vec<u8> = content
         .iter()
         .flat_map(|c| c["bytes"].as_array().unwrap().iter())
         .map(|b| b.as_u64().unwrap() as u8)
         .collect();
-    assert_eq!(bytes, text.as_bytes(), "chat logprob bytes concatenate to the text");
+    assert_eq!(
+        bytes,
+        text.as_bytes(),
+        "chat logprob bytes concatenate to the text"
+    );
     for c in content {
         let alts = c["top_logprobs"].as_array().unwrap();
         assert_eq!(alts.len(), top, "{c}");
@@ -617,7 +627,10 @@ fn check_legacy_logprobs(lp: &Value, text: &str, first_offset: usize) -> usize {
     let chars: Vec<char> = text.chars().collect();
     let mut offset = first_offset;
     for (i, tok) in tokens.iter().enumerate() {
-        assert_eq!(lp["text_offset"][i], offset, "offset of token {i} ({tok:?})");
+        assert_eq!(
+            lp["text_offset"][i], offset,
+            "offset of token {i} ({tok:?})"
+        );
         let n = tok.chars().count();
         let at: String = chars[offset..offset + n].iter().collect();
         assert_eq!(&at, tok, "text_offset {offset} indexes token {i}");
@@ -643,7 +656,9 @@ async fn logprobs_tokens_concatenate_to_the_text_and_greedy_picks_the_top_altern
     let (status, body) = post(&s.app, "/v1/chat/completions", chat.clone()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let text = body["choices"][0]["message"]["content"].as_str().unwrap();
-    let content = body["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    let content = body["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
     assert_eq!(content.len(), n as usize);
     check_chat_logprobs(content, text, 4);
     let chunks = stream_chunks(&s.app, "/v1/chat/completions", chat).await;
@@ -653,7 +668,10 @@ async fn logprobs_tokens_concatenate_to_the_text_and_greedy_picks_the_top_altern
         .flatten()
         .cloned()
         .collect();
-    assert_eq!(&streamed, content, "streamed logprobs equal the non-streamed ones");
+    assert_eq!(
+        &streamed, content,
+        "streamed logprobs equal the non-streamed ones"
+    );
 
     // Legacy completions: FIM (with a suffix) and a plain prefix, non-streamed and streamed.
     for suffix in [Some(SUFFIX), None] {
@@ -672,7 +690,10 @@ async fn logprobs_tokens_concatenate_to_the_text_and_greedy_picks_the_top_altern
             .iter()
             .map(|t| t.as_str().unwrap())
             .collect();
-        assert_eq!(tokens, text, "legacy tokens concatenate to the text ({suffix:?})");
+        assert_eq!(
+            tokens, text,
+            "legacy tokens concatenate to the text ({suffix:?})"
+        );
         assert_eq!(check_legacy_logprobs(lp, text, 0), text.chars().count());
 
         let chunks = stream_chunks(&s.app, "/v1/completions", req).await;
@@ -682,9 +703,16 @@ async fn logprobs_tokens_concatenate_to_the_text_and_greedy_picks_the_top_altern
             .collect();
         assert_eq!(streamed_text, text);
         let mut offset = 0;
-        for c in chunks.iter().filter(|c| c["choices"][0]["logprobs"].is_object()) {
+        for c in chunks
+            .iter()
+            .filter(|c| c["choices"][0]["logprobs"].is_object())
+        {
             offset = check_legacy_logprobs(&c["choices"][0]["logprobs"], text, offset);
         }
-        assert_eq!(offset, text.chars().count(), "streamed offsets run to the end");
+        assert_eq!(
+            offset,
+            text.chars().count(),
+            "streamed offsets run to the end"
+        );
     }
 }

@@ -153,9 +153,9 @@ impl GrpcExecutor {
 fn request<T>(message: T, token: Option<&str>) -> Result<tonic::Request<T>, ExecError> {
     let mut req = tonic::Request::new(message);
     if let Some(t) = token {
-        let value = t
-            .parse()
-            .map_err(|_| ExecError::Init("the worker token is not a valid gRPC metadata value".into()))?;
+        let value = t.parse().map_err(|_| {
+            ExecError::Init("the worker token is not a valid gRPC metadata value".into())
+        })?;
         req.metadata_mut().insert(proto::auth::TOKEN_HEADER, value);
     }
     Ok(req)
@@ -173,10 +173,14 @@ impl Executor for GrpcExecutor {
         }
         let deadline = tokio::time::Instant::now() + cfg.init_timeout;
         let token = cfg.token.as_deref();
-        let clients = join_all(cfg.workers.iter().map(|a| Self::connect(a, token, deadline)))
-            .await
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()?;
+        let clients = join_all(
+            cfg.workers
+                .iter()
+                .map(|a| Self::connect(a, token, deadline)),
+        )
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
         let group_id = (std::process::id() as u64) << 32 | self.incarnation;
         let nccl_id = match cfg.nccl_unique_id {
             Some(make) if tp > 1 => {

@@ -9,8 +9,8 @@
 //! aborts the sequence. Cost per token: one detokenizer push and, when streaming, one
 //! JSON chunk.
 
-pub mod schema;
 mod logprobs;
+pub mod schema;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -412,7 +412,11 @@ async fn respond(
     resp
 }
 
-async fn run(state: &Arc<AppState>, ticket: Option<Ticket>, job: Job) -> Result<Response, AppError> {
+async fn run(
+    state: &Arc<AppState>,
+    ticket: Option<Ticket>,
+    job: Job,
+) -> Result<Response, AppError> {
     let arrival = Instant::now();
     let limit = state.engine.max_context();
     let room = limit.saturating_sub(job.prompt.len());
@@ -563,9 +567,7 @@ impl Run {
                     .metrics
                     .generation_tokens
                     .fetch_add(1, Ordering::Relaxed);
-                let logged = self
-                    .logprobs
-                    .then(|| LoggedToken::new(&self.detok, &token));
+                let logged = self.logprobs.then(|| LoggedToken::new(&self.detok, &token));
                 let delta = self.detok.push(token.id);
                 if delta.stop.is_some() {
                     // A stop string: end here; dropping the stream later aborts the sequence.
@@ -685,45 +687,45 @@ fn stream_response(run: Run, include_usage: bool) -> Response {
         move |state| {
             let marker = marker.clone();
             async move {
-            let SseState::Running(mut run, include_usage) = state else {
-                return None;
-            };
-            let (event, next) = match run.step().await {
-                Ok(Step::Text { text, token }) => {
-                    let lp = token.map(|t| run.logprobs_json(std::slice::from_ref(&t)));
-                    (
-                        chunk(&run, &text, None, lp, false),
-                        SseState::Running(run, include_usage),
-                    )
-                }
-                Ok(Step::End { text, reason }) => {
-                    let mut data = chunk(&run, &text, Some(reason), None, true);
-                    if include_usage || run.shape == Shape::Chat {
-                        data["usage"] = run.usage();
+                let SseState::Running(mut run, include_usage) = state else {
+                    return None;
+                };
+                let (event, next) = match run.step().await {
+                    Ok(Step::Text { text, token }) => {
+                        let lp = token.map(|t| run.logprobs_json(std::slice::from_ref(&t)));
+                        (
+                            chunk(&run, &text, None, lp, false),
+                            SseState::Running(run, include_usage),
+                        )
                     }
-                    let done = stream::iter(vec![
-                        Ok(Event::default().data(data.to_string())),
-                        Ok(Event::default().data("[DONE]")),
-                    ]);
-                    return Some((done, SseState::Done));
-                }
-                Err(e) => {
-                    // Nothing sent yet (no token event) → the ops gate may retry upstream.
-                    if run.completion_tokens == 0 {
-                        marker.mark();
+                    Ok(Step::End { text, reason }) => {
+                        let mut data = chunk(&run, &text, Some(reason), None, true);
+                        if include_usage || run.shape == Shape::Chat {
+                            data["usage"] = run.usage();
+                        }
+                        let done = stream::iter(vec![
+                            Ok(Event::default().data(data.to_string())),
+                            Ok(Event::default().data("[DONE]")),
+                        ]);
+                        return Some((done, SseState::Done));
                     }
-                    // Headers are already sent: report the error in-band, then close.
-                    let err = stream::iter(vec![
-                        Ok(Event::default().data(json!({"error": e.body()}).to_string())),
-                        Ok(Event::default().data("[DONE]")),
-                    ]);
-                    return Some((err, SseState::Done));
-                }
-            };
-            Some((
-                stream::iter(vec![Ok(Event::default().data(event.to_string()))]),
-                next,
-            ))
+                    Err(e) => {
+                        // Nothing sent yet (no token event) → the ops gate may retry upstream.
+                        if run.completion_tokens == 0 {
+                            marker.mark();
+                        }
+                        // Headers are already sent: report the error in-band, then close.
+                        let err = stream::iter(vec![
+                            Ok(Event::default().data(json!({"error": e.body()}).to_string())),
+                            Ok(Event::default().data("[DONE]")),
+                        ]);
+                        return Some((err, SseState::Done));
+                    }
+                };
+                Some((
+                    stream::iter(vec![Ok(Event::default().data(event.to_string()))]),
+                    next,
+                ))
             }
         },
     );

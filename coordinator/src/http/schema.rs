@@ -6,8 +6,8 @@
 
 use serde::Deserialize;
 
-use crate::error::AppError;
 use crate::engine::{Priority, SamplingParams};
+use crate::error::AppError;
 use crate::prompt::{ChatMessage, Role};
 
 /// Most stop strings a request may give, and their longest length in characters (the
@@ -195,11 +195,19 @@ impl SamplingFields {
         let max_tokens = self
             .max_completion_tokens
             .or(self.max_tokens)
-            .map(|m| u32_in(m, 1, "max_tokens", || format!("max_tokens must be at least 1, got {m}")))
+            .map(|m| {
+                u32_in(m, 1, "max_tokens", || {
+                    format!("max_tokens must be at least 1, got {m}")
+                })
+            })
             .transpose()?;
         let min_tokens = self
             .min_tokens
-            .map(|m| u32_in(m, 0, "min_tokens", || format!("min_tokens must be non-negative, got {m}")))
+            .map(|m| {
+                u32_in(m, 0, "min_tokens", || {
+                    format!("min_tokens must be non-negative, got {m}")
+                })
+            })
             .transpose()?
             .unwrap_or(0);
         if let Some(max) = max_tokens {
@@ -258,7 +266,12 @@ impl SamplingFields {
 }
 
 /// `v` as a `u32` when it is in `min..=u32::MAX`; else a 400 on `param`.
-fn u32_in(v: i64, min: i64, param: &str, message: impl FnOnce() -> String) -> Result<u32, AppError> {
+fn u32_in(
+    v: i64,
+    min: i64,
+    param: &str,
+    message: impl FnOnce() -> String,
+) -> Result<u32, AppError> {
     if (min..=u32::MAX as i64).contains(&v) {
         Ok(v as u32)
     } else {

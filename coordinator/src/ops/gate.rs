@@ -55,7 +55,11 @@ impl Ticket {
 
     /// Admits the request (call once the prompt is tokenized). `Ok(None)` when
     /// authentication is off (no accounting).
-    pub fn admit(&self, prompt_tokens: usize, max_tokens: u32) -> Result<Option<Admission>, AppError> {
+    pub fn admit(
+        &self,
+        prompt_tokens: usize,
+        max_tokens: u32,
+    ) -> Result<Option<Admission>, AppError> {
         let result = self
             .0
             .caller
@@ -70,7 +74,11 @@ impl Ticket {
     }
 
     fn take_headers(&self) -> Option<RateHeaders> {
-        self.0.headers.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.0
+            .headers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 }
 
@@ -187,7 +195,10 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    fn stream_response(frames: Vec<&'static [u8]>, marker: Option<FailedBeforeServing>) -> Response {
+    fn stream_response(
+        frames: Vec<&'static [u8]>,
+        marker: Option<FailedBeforeServing>,
+    ) -> Response {
         let frames = futures::stream::iter(
             frames
                 .into_iter()
@@ -201,7 +212,12 @@ mod tests {
     }
 
     async fn body_of(resp: Response) -> Vec<u8> {
-        resp.into_body().collect().await.unwrap().to_bytes().to_vec()
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec()
     }
 
     #[tokio::test]

@@ -44,8 +44,8 @@ use std::path::Path;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
-use super::limits::RateLimits;
 use super::error::OpsError;
+use super::limits::RateLimits;
 
 /// SHA-256 of a key.
 pub type KeyDigest = [u8; 32];

@@ -268,7 +268,11 @@ impl Ops {
     }
 
     /// Whether a request meant for the local group should go upstream instead.
-    pub(super) fn spill_reason(&self, engine: &EngineHandle, caller: &Caller) -> Option<SpillReason> {
+    pub(super) fn spill_reason(
+        &self,
+        engine: &EngineHandle,
+        caller: &Caller,
+    ) -> Option<SpillReason> {
         self.fallback.as_ref()?;
         let rule = caller
             .0

@@ -37,7 +37,12 @@ impl Ops {
             self.keys
                 .principals()
                 .into_iter()
-                .map(|p| (usage::key_labels(&p.spec.team, &p.spec.name), p.usage.clone()))
+                .map(|p| {
+                    (
+                        usage::key_labels(&p.spec.team, &p.spec.name),
+                        p.usage.clone(),
+                    )
+                })
                 .collect()
         } else {
             self.keys

@@ -12,8 +12,8 @@
 
 use sha2::{Digest as _, Sha256};
 
-use super::keys::KeyDigest;
 use super::error::OpsError;
+use super::keys::KeyDigest;
 
 /// Where a request is served.
 #[derive(Clone, Debug, PartialEq, Eq)]

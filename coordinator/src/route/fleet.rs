@@ -114,7 +114,9 @@ pub struct Fleet {
 impl Fleet {
     pub fn new(urls: &[String]) -> Self {
         Self {
-            replicas: RwLock::new(Arc::new(urls.iter().map(|u| Arc::new(Replica::new(u))).collect())),
+            replicas: RwLock::new(Arc::new(
+                urls.iter().map(|u| Arc::new(Replica::new(u))).collect(),
+            )),
         }
     }
 
@@ -142,14 +144,21 @@ impl Fleet {
     }
 
     /// Runs the probe loop (and the DNS loop for a [`ReplicaSource::Dns`]) forever.
-    pub async fn maintain(self: Arc<Self>, source: ReplicaSource, t: FleetTimings, client: HttpClient) {
+    pub async fn maintain(
+        self: Arc<Self>,
+        source: ReplicaSource,
+        t: FleetTimings,
+        client: HttpClient,
+    ) {
         if let ReplicaSource::Dns(name) = source {
             let fleet = self.clone();
             tokio::spawn(async move {
                 loop {
                     match resolve(&name).await {
                         Ok(urls) => fleet.set_urls(&urls),
-                        Err(e) => tracing::warn!(%name, error = %e, "resolving replicas failed; keeping the last set"),
+                        Err(e) => {
+                            tracing::warn!(%name, error = %e, "resolving replicas failed; keeping the last set")
+                        }
                     }
                     tokio::time::sleep(t.dns_interval).await;
                 }
@@ -181,14 +190,23 @@ pub async fn resolve(name: &str) -> Result<Vec<String>, std::io::Error> {
 }
 
 /// One GET with a deadline; the status and body.
-async fn get(client: &HttpClient, url: String, limit: Duration) -> Result<(StatusCode, Bytes), String> {
+async fn get(
+    client: &HttpClient,
+    url: String,
+    limit: Duration,
+) -> Result<(StatusCode, Bytes), String> {
     let req = Request::get(url)
         .body(Full::new(Bytes::new()))
         .map_err(|e| e.to_string())?;
     let work = async {
         let resp = client.request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status();
-        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
         Ok((status, body))
     };
     tokio::time::timeout(limit, work)
@@ -217,13 +235,8 @@ async fn probe(r: Arc<Replica>, client: HttpClient, limit: Duration) {
 
 /// The value of an unlabelled sample `name` in a Prometheus text exposition.
 fn gauge(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(name)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 #[cfg(test)]
@@ -253,6 +266,10 @@ mod tests {
     async fn localhost_resolves_to_http_urls_with_the_port() {
         let urls = resolve("localhost:8080").await.unwrap();
         assert!(!urls.is_empty());
-        assert!(urls.iter().all(|u| u.starts_with("http://") && u.ends_with(":8080")), "{urls:?}");
+        assert!(
+            urls.iter()
+                .all(|u| u.starts_with("http://") && u.ends_with(":8080")),
+            "{urls:?}"
+        );
     }
 }

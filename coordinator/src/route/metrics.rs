@@ -63,21 +63,35 @@ impl RouteMetrics {
             "# HELP stral_route_requests_total Requests answered, by replica and status.\n# TYPE stral_route_requests_total counter"
         );
         for ((r, s), n) in self.requests.lock().expect("metrics lock").iter() {
-            let _ = writeln!(out, "stral_route_requests_total{{replica=\"{r}\",status=\"{s}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "stral_route_requests_total{{replica=\"{r}\",status=\"{s}\"}} {n}"
+            );
         }
         let _ = writeln!(
             out,
             "# HELP stral_route_upstream_errors_total Upstream failures, by replica and kind (connect, timeout, protocol, stream).\n# TYPE stral_route_upstream_errors_total counter"
         );
         for ((r, k), n) in self.errors.lock().expect("metrics lock").iter() {
-            let _ = writeln!(out, "stral_route_upstream_errors_total{{replica=\"{r}\",kind=\"{k}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "stral_route_upstream_errors_total{{replica=\"{r}\",kind=\"{k}\"}} {n}"
+            );
         }
         let _ = writeln!(
             out,
             "# HELP stral_route_affinity_total Keyed requests sent to their affine replica (hit) or spilled to the least-loaded one (spill).\n# TYPE stral_route_affinity_total counter"
         );
-        let _ = writeln!(out, "stral_route_affinity_total{{outcome=\"hit\"}} {}", self.affinity_hits.load(Ordering::Relaxed));
-        let _ = writeln!(out, "stral_route_affinity_total{{outcome=\"spill\"}} {}", self.spills.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "stral_route_affinity_total{{outcome=\"hit\"}} {}",
+            self.affinity_hits.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "stral_route_affinity_total{{outcome=\"spill\"}} {}",
+            self.spills.load(Ordering::Relaxed)
+        );
         let _ = writeln!(
             out,
             "# HELP stral_route_retries_total Requests retried on another replica (nothing had been sent to the client).\n# TYPE stral_route_retries_total counter\nstral_route_retries_total {}",
@@ -88,12 +102,28 @@ impl RouteMetrics {
             "# HELP stral_route_upstream_latency_seconds Time from sending a request upstream to its response headers.\n# TYPE stral_route_upstream_latency_seconds histogram"
         );
         for (r, h) in self.latency.lock().expect("metrics lock").iter() {
-            h.render_series(&mut out, "stral_route_upstream_latency_seconds", &format!("replica=\"{r}\""));
+            h.render_series(
+                &mut out,
+                "stral_route_upstream_latency_seconds",
+                &format!("replica=\"{r}\""),
+            );
         }
         let gauges: [(&str, &str, fn(&Replica) -> f64); 3] = [
-            ("stral_route_replica_ready", "1 while the replica passes its /ready probe.", |r| r.is_healthy() as u8 as f64),
-            ("stral_route_replica_queue_depth", "The replica's stral_queue_depth at the last scrape.", |r| r.queue_depth() as f64),
-            ("stral_route_replica_in_flight", "Requests this router has in flight on the replica.", |r| r.in_flight.load(Ordering::Relaxed) as f64),
+            (
+                "stral_route_replica_ready",
+                "1 while the replica passes its /ready probe.",
+                |r| r.is_healthy() as u8 as f64,
+            ),
+            (
+                "stral_route_replica_queue_depth",
+                "The replica's stral_queue_depth at the last scrape.",
+                |r| r.queue_depth() as f64,
+            ),
+            (
+                "stral_route_replica_in_flight",
+                "Requests this router has in flight on the replica.",
+                |r| r.in_flight.load(Ordering::Relaxed) as f64,
+            ),
         ];
         for (name, help, read) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");

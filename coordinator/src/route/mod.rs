@@ -199,7 +199,9 @@ async fn ready(State(state): State<Arc<RouteState>>) -> Result<Json<Value>, AppE
     let fleet = state.fleet.snapshot();
     let up = fleet.iter().filter(|r| r.is_healthy()).count();
     if up > 0 {
-        Ok(Json(json!({"status": "ready", "replicas_ready": up, "replicas": fleet.len()})))
+        Ok(Json(
+            json!({"status": "ready", "replicas_ready": up, "replicas": fleet.len()}),
+        ))
     } else {
         Err(AppError::Unavailable(format!(
             "no replica is ready (0 of {})",
@@ -267,7 +269,8 @@ impl Failure {
         match self {
             Self::NotReady(resp) => resp,
             Self::Connect(e) => {
-                AppError::BadGateway(format!("replica {replica} could not be reached: {e}")).into_response()
+                AppError::BadGateway(format!("replica {replica} could not be reached: {e}"))
+                    .into_response()
             }
             Self::Protocol(e) => AppError::BadGateway(format!(
                 "replica {replica} sent an invalid response or closed the connection: {e}"
@@ -305,14 +308,27 @@ async fn forward(State(state): State<Arc<RouteState>>, req: Request) -> Response
         Ok(b) => b,
         Err(_) => {
             state.metrics.count_request("none", 413);
-            return AppError::PayloadTooLarge { limit: MAX_BODY_BYTES }.into_response();
+            return AppError::PayloadTooLarge {
+                limit: MAX_BODY_BYTES,
+            }
+            .into_response();
         }
     };
-    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
     let key = match (state.config.policy, &parts.method) {
         (Policy::RoundRobin, _) => None,
         (policy, &Method::POST) => serde_json::from_slice::<Value>(&body).ok().and_then(|v| {
-            affinity_key(policy, parts.uri.path(), bearer(&parts.headers), &v, state.config.affinity_prefix_bytes)
+            affinity_key(
+                policy,
+                parts.uri.path(),
+                bearer(&parts.headers),
+                &v,
+                state.config.affinity_prefix_bytes,
+            )
         }),
         _ => None,
     };
@@ -322,7 +338,9 @@ async fn forward(State(state): State<Arc<RouteState>>, req: Request) -> Response
     for attempt in 0..2 {
         let fleet = state.fleet.snapshot();
         let cands: Vec<_> = fleet.iter().map(|r| r.candidate()).collect();
-        let exclude: Vec<usize> = (0..fleet.len()).filter(|i| tried.contains(&fleet[*i].id)).collect();
+        let exclude: Vec<usize> = (0..fleet.len())
+            .filter(|i| tried.contains(&fleet[*i].id))
+            .collect();
         let Some(choice) = choose(key, &cands, &state.config.limits, turn, &exclude) else {
             break;
         };
@@ -337,9 +355,20 @@ async fn forward(State(state): State<Arc<RouteState>>, req: Request) -> Response
         }
         let replica = fleet[choice.index()].clone();
         tried.push(replica.id);
-        match attempt_on(&state, &replica, &parts.method, &parts.headers, path_and_query, body.clone()).await {
+        match attempt_on(
+            &state,
+            &replica,
+            &parts.method,
+            &parts.headers,
+            path_and_query,
+            body.clone(),
+        )
+        .await
+        {
             Ok(resp) => {
-                state.metrics.count_request(&replica.url, resp.status().as_u16());
+                state
+                    .metrics
+                    .count_request(&replica.url, resp.status().as_u16());
                 return resp;
             }
             Err(f) => {
@@ -392,10 +421,16 @@ async fn attempt_on(
         Ok(Err(e)) => return Err(Failure::Protocol(source_chain(&e))),
         Ok(Ok(r)) => r,
     };
-    state.metrics.observe_latency(&replica.url, started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .observe_latency(&replica.url, started.elapsed().as_secs_f64());
     let (parts, incoming) = resp.into_parts();
     let mut out = Response::builder().status(parts.status);
-    for (k, v) in parts.headers.iter().filter(|(k, _)| !HOP_BY_HOP.contains(&k.as_str())) {
+    for (k, v) in parts
+        .headers
+        .iter()
+        .filter(|(k, _)| !HOP_BY_HOP.contains(&k.as_str()))
+    {
         out = out.header(k, v);
     }
     out = out.header("x-stral-replica", replica.url.as_str());
@@ -405,17 +440,28 @@ async fn attempt_on(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let body = if sse || parts.status != StatusCode::SERVICE_UNAVAILABLE {
-        relay(incoming, guard, sse, replica.url.clone(), state.metrics.clone())
+        relay(
+            incoming,
+            guard,
+            sse,
+            replica.url.clone(),
+            state.metrics.clone(),
+        )
     } else {
         // A 503 (not ready, draining) is small: read it, so it can be retried elsewhere.
-        let bytes = incoming.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        let resp = out.body(Body::from(bytes)).map_err(|e| Failure::Protocol(e.to_string()))?;
+        let bytes = incoming
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let resp = out
+            .body(Body::from(bytes))
+            .map_err(|e| Failure::Protocol(e.to_string()))?;
         replica.set_healthy(false, "answered 503");
         return Err(Failure::NotReady(resp));
     };
     out.body(body).map_err(|e| Failure::Protocol(e.to_string()))
 }
-
 
 /// The upstream body, frame by frame. If the upstream breaks it mid-way: an SSE stream
 /// ends with one error event (after a blank line, so a half-sent event cannot swallow
@@ -450,7 +496,11 @@ fn relay(
             Err(e) => {
                 s.broken = true;
                 s.metrics.count_error(&s.replica, "stream");
-                let msg = format!("replica {} broke the response mid-way: {}", s.replica, source_chain(&e));
+                let msg = format!(
+                    "replica {} broke the response mid-way: {}",
+                    s.replica,
+                    source_chain(&e)
+                );
                 tracing::warn!(replica = %s.replica, error = %msg, "upstream stream broken");
                 let item = if sse {
                     let body = AppError::BadGateway(msg).body();

@@ -192,7 +192,9 @@ pub fn choose(
         return None;
     }
     let Some(key) = key else {
-        return Some(Choice::Turn(eligible[(turn % eligible.len() as u64) as usize]));
+        return Some(Choice::Turn(
+            eligible[(turn % eligible.len() as u64) as usize],
+        ));
     };
     let winner = *eligible
         .iter()
@@ -259,7 +261,13 @@ mod tests {
     fn the_fim_key_depends_on_the_suffix_and_the_api_key() {
         let p = "def f():\n".repeat(30);
         let k = |key: &str, suffix: &str| {
-            affinity_key(Policy::Affinity, "/v1/fim/completions", Some(key), &fim(&p, suffix), 256)
+            affinity_key(
+                Policy::Affinity,
+                "/v1/fim/completions",
+                Some(key),
+                &fim(&p, suffix),
+                256,
+            )
         };
         let long = |c: &str| c.repeat(100);
         assert_ne!(k("a", &long("x")), k("a", &long("y")));
@@ -270,7 +278,13 @@ mod tests {
     #[test]
     fn a_short_prompt_changes_key_only_at_block_edges() {
         let k = |prefix: &str| {
-            affinity_key(Policy::Affinity, "/v1/completions", None, &json!({"prompt": prefix}), 256)
+            affinity_key(
+                Policy::Affinity,
+                "/v1/completions",
+                None,
+                &json!({"prompt": prefix}),
+                256,
+            )
         };
         let base = "a".repeat(KEY_BLOCK_BYTES);
         assert_eq!(k(&format!("{base}b")), k(&format!("{base}bcd")));
@@ -282,7 +296,8 @@ mod tests {
         let first = json!({"role": "system", "content": "You are a careful reviewer. ".repeat(10)});
         let one = json!({"messages": [first, {"role": "user", "content": "hi"}]});
         let two = json!({"messages": [first, {"role": "user", "content": "hello there"}]});
-        let k = |b: &Value| affinity_key(Policy::Affinity, "/v1/chat/completions", Some("k"), b, 256);
+        let k =
+            |b: &Value| affinity_key(Policy::Affinity, "/v1/chat/completions", Some("k"), b, 256);
         assert_eq!(k(&one), k(&two));
         assert!(k(&json!({"messages": "nope"})).is_none());
     }
@@ -296,7 +311,13 @@ mod tests {
         assert_ne!(s(&a, Some("dev1")), s(&a, Some("dev2")));
         assert_eq!(s(&a, None), None);
         assert_eq!(
-            affinity_key(Policy::RoundRobin, "/v1/fim/completions", Some("k"), &a, 256),
+            affinity_key(
+                Policy::RoundRobin,
+                "/v1/fim/completions",
+                Some("k"),
+                &a,
+                256
+            ),
             None
         );
     }
@@ -310,7 +331,9 @@ mod tests {
             .collect();
         f[2].healthy = false;
         for (k, was) in before.iter().enumerate() {
-            let now = choose(Some(mix(k as u64)), &f, &limits, 0, &[]).unwrap().index();
+            let now = choose(Some(mix(k as u64)), &f, &limits, 0, &[])
+                .unwrap()
+                .index();
             if *was != 2 {
                 assert_eq!(now, *was, "key {k} moved off a replica that stayed");
             } else {
@@ -334,15 +357,24 @@ mod tests {
         f[w].queue_depth = limits.max_queue_depth;
         let other = (w + 1) % 3;
         f[(w + 2) % 3].in_flight = 3;
-        assert_eq!(choose(key, &f, &limits, 0, &[]), Some(Choice::Spilled(other)));
+        assert_eq!(
+            choose(key, &f, &limits, 0, &[]),
+            Some(Choice::Spilled(other))
+        );
         f[w].queue_depth = 0;
         f[w].kv_usage = 0.99;
-        assert_eq!(choose(key, &f, &limits, 0, &[]), Some(Choice::Spilled(other)));
+        assert_eq!(
+            choose(key, &f, &limits, 0, &[]),
+            Some(Choice::Spilled(other))
+        );
         // In-flight over load_factor x the mean spills too.
         f[w].kv_usage = 0.0;
         f[(w + 2) % 3].in_flight = 0;
         f[w].in_flight = 4;
-        assert_eq!(choose(key, &f, &limits, 0, &[]), Some(Choice::Spilled(other)));
+        assert_eq!(
+            choose(key, &f, &limits, 0, &[]),
+            Some(Choice::Spilled(other))
+        );
         f[w].in_flight = 1;
         assert_eq!(choose(key, &f, &limits, 0, &[]), Some(Choice::Affine(w)));
     }
@@ -365,7 +397,11 @@ mod tests {
     fn round_robin_takes_turns_over_the_healthy() {
         let f = fleet(3);
         let picks: Vec<usize> = (0..6)
-            .map(|t| choose(None, &f, &LoadLimits::default(), t, &[]).unwrap().index())
+            .map(|t| {
+                choose(None, &f, &LoadLimits::default(), t, &[])
+                    .unwrap()
+                    .index()
+            })
             .collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
     }

@@ -77,7 +77,6 @@ impl DirectEngine {
             .expect("start workers");
             let exec = GrpcExecutor::new(GrpcGroupConfig {
                 workers: workers.grpc_addrs.clone(),
-                collective_peers: workers.collective_addrs.clone(),
                 token: Some(workers.token.clone()),
                 model_path: model.to_string_lossy().into_owned(),
                 device: "null".into(),

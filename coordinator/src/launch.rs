@@ -1,7 +1,7 @@
 //! Local worker processes: `stral serve` without `--workers` starts one `stral worker`
 //! per rank on loopback and keeps them alive.
 //!
-//! Invariant: a rank that exits is restarted on the same addresses, so the engine's
+//! Invariant: a rank that exits is restarted on the same gRPC address, so the engine's
 //! re-initialization finds the group where it was; on shutdown every child is killed
 //! and reaped. Cost: one `try_wait` per child every 200 ms.
 //!
@@ -30,8 +30,6 @@ pub struct LocalWorkersConfig {
 pub struct LocalWorkers {
     /// gRPC address of each rank.
     pub grpc_addrs: Vec<String>,
-    /// TCP collective address of each rank.
-    pub collective_addrs: Vec<String>,
     /// The token every worker requires (give it to the executor).
     pub token: String,
     /// Kept so the file outlives every worker restart; removed when this is dropped.
@@ -40,10 +38,18 @@ pub struct LocalWorkers {
     supervisor: JoinHandle<()>,
 }
 
-/// A free loopback port (bound, then released: the child binds it right after).
-fn free_addr() -> std::io::Result<String> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.to_string())
+/// `n` distinct free loopback ports. All `n` are held bound until every one is
+/// picked, then released for the children to bind: picking them one at a time
+/// lets the kernel hand the same just-released port out twice (a rank's gRPC
+/// port once came back as its collective port, and Init failed with
+/// "address in use" on every retry).
+pub(crate) fn free_addrs(n: usize) -> std::io::Result<Vec<String>> {
+    let held = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    held.iter()
+        .map(|l| Ok(l.local_addr()?.to_string()))
+        .collect()
 }
 
 /// Device `cuda` puts rank K on GPU K; any other device string is passed as is.
@@ -70,12 +76,7 @@ impl LocalWorkers {
     /// Starts `tp` workers and a supervisor that restarts any that exits.
     pub fn start(cfg: LocalWorkersConfig) -> std::io::Result<Self> {
         let token_file = Arc::new(TokenFile::create()?);
-        let grpc_addrs = (0..cfg.tp)
-            .map(|_| free_addr())
-            .collect::<std::io::Result<Vec<_>>>()?;
-        let collective_addrs = (0..cfg.tp)
-            .map(|_| free_addr())
-            .collect::<std::io::Result<Vec<_>>>()?;
+        let grpc_addrs = free_addrs(cfg.tp)?;
         let children = grpc_addrs
             .iter()
             .enumerate()
@@ -93,7 +94,6 @@ impl LocalWorkers {
         ));
         Ok(Self {
             grpc_addrs,
-            collective_addrs,
             token: token_file.token.clone(),
             _token_file: token_file,
             children,
@@ -170,5 +170,18 @@ impl Drop for TokenFile {
         if let Some(dir) = self.path.parent() {
             let _ = std::fs::remove_dir(dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_addrs_are_distinct_loopback_ports() {
+        let addrs = free_addrs(256).unwrap();
+        let unique: std::collections::HashSet<_> = addrs.iter().collect();
+        assert_eq!(unique.len(), addrs.len(), "a port was handed out twice");
+        assert!(addrs.iter().all(|a| a.starts_with("127.0.0.1:")));
     }
 }

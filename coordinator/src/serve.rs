@@ -117,8 +117,8 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
             })
             .map_err(ServeError::Workers)?;
             worker_token = Some(lw.token.clone());
-            let (w, p) = (lw.grpc_addrs.clone(), lw.collective_addrs.clone());
-            (Some(lw), w, p, Vec::new())
+            let w = lw.grpc_addrs.clone();
+            (Some(lw), w, Vec::new(), Vec::new())
         }
     };
     let exec = GrpcExecutor::new(GrpcGroupConfig {

@@ -25,7 +25,10 @@ use super::executor::{ExecError, Executor, GroupFacts, Sampled, StepOutput, Work
 pub struct GrpcGroupConfig {
     /// gRPC address of every rank's worker, in rank order (`host:port`).
     pub workers: Vec<String>,
-    /// TCP collective address of every rank, in rank order (`host:port`).
+    /// TCP collective address of every rank, in rank order (`host:port`). Empty:
+    /// the workers run on this machine, and every Init picks fresh free loopback
+    /// ports, so a port someone else took between picking and binding costs one
+    /// retry instead of failing every retry on the same address.
     pub collective_peers: Vec<String>,
     /// Address each rank binds for the collective (empty: its peer address).
     pub collective_listen: Vec<String>,
@@ -188,6 +191,12 @@ impl Executor for GrpcExecutor {
             }
             _ => None,
         };
+        let peers = if cfg.collective_peers.is_empty() && tp > 1 {
+            crate::launch::free_addrs(tp)
+                .map_err(|e| ExecError::Init(format!("picking loopback collective ports: {e}")))?
+        } else {
+            cfg.collective_peers.clone()
+        };
         let inits = clients.iter().enumerate().map(|(rank, client)| {
             let mut client = client.clone();
             let request = pb::InitRequest {
@@ -200,7 +209,7 @@ impl Executor for GrpcExecutor {
                     kind: Some(match &nccl_id {
                         Some(id) => pb::collective_bootstrap::Kind::NcclUniqueId(id.clone()),
                         None => pb::collective_bootstrap::Kind::Tcp(pb::TcpPeers {
-                            peer_addrs: cfg.collective_peers.clone(),
+                            peer_addrs: peers.clone(),
                             listen_addr: cfg
                                 .collective_listen
                                 .get(rank)

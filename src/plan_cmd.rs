@@ -1,5 +1,6 @@
 //! `stral plan`: flags → [`benches::plan::PlanConfig`]; prints the (modelled)
-//! recommendation as text or JSON and optionally writes the curve as SVG.
+//! recommendation as text or JSON, with a note for every default it applied and where
+//! its number comes from, and optionally writes the curves as PNG or SVG.
 
 use std::path::PathBuf;
 
@@ -18,19 +19,22 @@ pub struct PlanArgs {
     /// Developers served.
     #[arg(long, default_value_t = 2000)]
     developers: u64,
-    /// Fraction of developers typing at any moment.
-    #[arg(long, default_value_t = 0.1)]
-    active_fraction: f64,
-    /// Completion requests per active developer per minute.
-    #[arg(long, default_value_t = 6.0)]
-    requests_per_active_minute: f64,
+    /// Fraction of developers typing at any moment [default: 0.1, an assumption of
+    /// this planner; the report says so].
+    #[arg(long)]
+    active_fraction: Option<f64>,
+    /// Completion requests per active developer per minute [default: 6, an
+    /// assumption of this planner; the report says so].
+    #[arg(long)]
+    requests_per_active_minute: Option<f64>,
     /// Prompt tokens per request (no prefix-cache hits are assumed: conservative).
     #[arg(long, default_value_t = 1536)]
     prompt_tokens: usize,
     /// Generated tokens per request.
     #[arg(long, default_value_t = 48)]
     output_tokens: usize,
-    /// p95 time to first token, ms.
+    /// p95 time to first token, ms. With no SLO flag at all: 200 (the "under 200 ms
+    /// feels fluid" rule for IDE completion).
     #[arg(long)]
     slo_ttft_p95_ms: Option<f64>,
     /// p95 time per output token after the first, ms.
@@ -64,7 +68,8 @@ pub struct PlanArgs {
     /// Print the report as JSON instead of text.
     #[arg(long)]
     json: bool,
-    /// Write the curves (p95 TTFT vs load per replica) as SVG.
+    /// Write the curves (p95 TTFT vs load per replica) to this file: PNG or SVG by its
+    /// extension (`plan.png`, `plan.svg`).
     #[arg(long)]
     plot: Option<PathBuf>,
 }
@@ -83,16 +88,37 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
             )
         })?,
     };
+    if let Some(path) = &a.plot {
+        plan::plot::is_png(path)?;
+    }
+    let defaults = Workload::default();
+    let mut notes = Vec::new();
+    let active_fraction = a.active_fraction.unwrap_or_else(|| {
+        notes.push(format!(
+            "--active-fraction {}: {}",
+            defaults.active_fraction,
+            plan::ACTIVE_FRACTION_SOURCE
+        ));
+        defaults.active_fraction
+    });
+    let requests_per_active_minute = a.requests_per_active_minute.unwrap_or_else(|| {
+        notes.push(format!(
+            "--requests-per-active-minute {}: {}",
+            defaults.requests_per_active_minute,
+            plan::REQUESTS_PER_ACTIVE_MINUTE_SOURCE
+        ));
+        defaults.requests_per_active_minute
+    });
     for (name, v) in [
-        ("active-fraction", a.active_fraction),
-        ("requests-per-active-minute", a.requests_per_active_minute),
+        ("active-fraction", active_fraction),
+        ("requests-per-active-minute", requests_per_active_minute),
         ("sim-seconds", a.sim_seconds),
     ] {
         if !(v > 0.0 && v.is_finite()) {
             anyhow::bail!("--{name} must be a positive number, got {v}");
         }
     }
-    if a.active_fraction > 1.0 {
+    if active_fraction > 1.0 {
         anyhow::bail!("--active-fraction must be at most 1");
     }
     if !(a.host_us_per_step >= 0.0 && a.host_us_per_seq >= 0.0) {
@@ -104,8 +130,8 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         model,
         workload: Workload {
             developers: a.developers,
-            active_fraction: a.active_fraction,
-            requests_per_active_minute: a.requests_per_active_minute,
+            active_fraction,
+            requests_per_active_minute,
             prompt_tokens: a.prompt_tokens,
             output_tokens: a.output_tokens,
         },
@@ -125,10 +151,10 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         seed: a.seed,
         ..PlanConfig::default()
     };
-    let report = plan::plan(&cfg)?;
+    let mut report = plan::plan(&cfg)?;
+    report.notes.extend(notes);
     if let Some(path) = &a.plot {
-        std::fs::write(path, plan::svg::render_svg(&report))
-            .map_err(|e| anyhow::anyhow!("--plot {}: {e}", path.display()))?;
+        plan::plot::write_plot(&report, path)?;
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -79,7 +79,8 @@ pub fn register_font() {
     });
 }
 
-fn svg(
+/// Draws into an SVG file at `path` (also used by the planner's plot).
+pub(crate) fn svg(
     path: &Path,
     draw: impl FnOnce(DrawingArea<SVGBackend, Shift>) -> Result<(), String>,
 ) -> Result<(), BenchError> {
@@ -92,7 +93,9 @@ fn svg(
     root.present().map_err(|e| fail(e.to_string()))
 }
 
-fn png_file(
+/// Draws into a PNG file at `path` (also used by the planner's plot); call
+/// [`register_font`] first.
+pub(crate) fn png_file(
     path: &Path,
     draw: impl FnOnce(DrawingArea<BitMapBackend, Shift>) -> Result<(), String>,
 ) -> Result<(), BenchError> {
@@ -337,6 +340,7 @@ mod tests {
                 itl: vec![0.002 * scale; 4],
                 output_tokens: 5,
                 prompt_tokens: None,
+                cached_tokens: None,
                 token_source: TokenCountSource::Chunks,
             })
             .collect()

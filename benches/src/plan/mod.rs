@@ -15,8 +15,8 @@
 //! (the curve stops three points past the SLO's knee), plus one at the planned load:
 //! a few seconds of CPU in all with the defaults.
 
+pub mod plot;
 pub mod simulate;
-pub mod svg;
 
 use serde::Serialize;
 use worker::sim::{GpuKind, Provenance, StepTimeModel};
@@ -31,12 +31,24 @@ pub enum PlanError {
     Input(String),
     #[error("simulation: {0}")]
     Simulation(String),
+    #[error("plot: {0}")]
+    Plot(String),
     #[error("writing {path}: {source}")]
     Io {
         path: String,
         source: std::io::Error,
     },
 }
+
+/// The p95 TTFT target when no SLO is given: the "under 200 ms feels fluid" rule for
+/// IDE completion.
+pub const DEFAULT_TTFT_P95_MS: f64 = 200.0;
+
+/// Where the developer workload's defaults come from, printed when they are used.
+pub const ACTIVE_FRACTION_SOURCE: &str =
+    "an assumption of this planner, not a measurement (a developer typing about 6 minutes of every hour); set --active-fraction from your IDE telemetry";
+pub const REQUESTS_PER_ACTIVE_MINUTE_SOURCE: &str =
+    "an assumption of this planner, not a measurement (one debounced completion every 10 s of typing); set --requests-per-active-minute from your IDE telemetry";
 
 /// The traffic to serve.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -176,6 +188,8 @@ pub struct PlanReport {
     pub candidates: Vec<Candidate>,
     /// Index into `candidates`; `None` when no TP meets the SLO.
     pub recommended: Option<usize>,
+    /// Defaults that were applied and where their numbers come from.
+    pub notes: Vec<String>,
 }
 
 impl PlanReport {
@@ -195,11 +209,16 @@ pub fn plan(cfg: &PlanConfig) -> Result<PlanReport, PlanError> {
             "the workload has no traffic ({rate} requests/s): set --developers, --active-fraction and --requests-per-active-minute above 0"
         )));
     }
-    if cfg.slo == Slo::default() {
-        return Err(PlanError::Input(
-            "set at least one SLO: --slo-ttft-p95-ms, --slo-tpot-p95-ms or --slo-e2e-p95-ms".into(),
+    let mut notes = Vec::new();
+    let mut slo = cfg.slo;
+    if slo == Slo::default() {
+        slo.ttft_p95_ms = Some(DEFAULT_TTFT_P95_MS);
+        notes.push(format!(
+            "no SLO given: using p95 TTFT {DEFAULT_TTFT_P95_MS} ms (the \"under 200 ms feels fluid\" rule for IDE completion); set --slo-ttft-p95-ms, --slo-tpot-p95-ms or --slo-e2e-p95-ms"
         ));
     }
+    let with_slo = PlanConfig { slo, ..cfg.clone() };
+    let cfg = &with_slo;
     if cfg.workload.prompt_tokens == 0 || cfg.workload.output_tokens == 0 {
         return Err(PlanError::Input(
             "--prompt-tokens and --output-tokens must be at least 1".into(),
@@ -238,6 +257,7 @@ pub fn plan(cfg: &PlanConfig) -> Result<PlanReport, PlanError> {
         },
         candidates,
         recommended,
+        notes,
     })
 }
 
@@ -388,6 +408,9 @@ pub fn render_text(r: &PlanReport) -> String {
         slo(r.slo.tpot_p95_ms),
         slo(r.slo.e2e_p95_ms)
     );
+    for note in &r.notes {
+        let _ = writeln!(s, "note: {note}");
+    }
     let _ = writeln!(
         s,
         "coefficients calibrated on our H100: {}; datasheet: {}; estimates: {}",
@@ -570,10 +593,13 @@ mod tests {
             .as_ref()
             .unwrap()
             .contains("cannot hold"));
-        assert!(plan(&PlanConfig {
+        let r = plan(&PlanConfig {
             slo: Slo::default(),
             ..quick(200, 1000.0)
         })
-        .is_err());
+        .unwrap();
+        assert_eq!(r.slo.ttft_p95_ms, Some(DEFAULT_TTFT_P95_MS));
+        assert!(r.notes[0].contains("no SLO given: using p95 TTFT 200 ms"));
+        assert!(render_text(&r).contains("note: no SLO given"));
     }
 }

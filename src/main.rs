@@ -5,6 +5,7 @@
 
 mod bench_cmd;
 mod plan_cmd;
+mod plan_verify;
 mod route_cmd;
 mod serve_cmd;
 

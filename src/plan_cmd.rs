@@ -72,6 +72,38 @@ pub struct PlanArgs {
     /// extension (`plan.png`, `plan.svg`).
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Check the recommendation against the real coordinator and scheduler: start a
+    /// `stral serve --worker-backend sim` replica (same step-time model, no GPU) at the
+    /// recommended TP, drive it with this workload through `stral bench` at
+    /// --verify-loads of the predicted capacity, and print predicted vs observed.
+    #[arg(long)]
+    verify: bool,
+    /// With --verify: check every feasible TP, not only the recommended one.
+    #[arg(long, requires = "verify")]
+    verify_every_tp: bool,
+    /// With --verify: seconds of arrivals per load level.
+    #[arg(long, default_value_t = 30.0, requires = "verify")]
+    verify_seconds: f64,
+    /// With --verify: load levels as fractions of the predicted capacity per replica.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0.5,0.8,1.0",
+        requires = "verify"
+    )]
+    verify_loads: Vec<f64>,
+    /// Take the workload (arrival rate, prompt and output tokens, prefix-cache hit
+    /// rate) and the per-step overhead from a `stral bench --json-out` report of a run
+    /// against a real deployment (its last run); the report notes each number's source.
+    #[arg(long, conflicts_with_all = [
+        "developers", "active_fraction", "requests_per_active_minute",
+        "prompt_tokens", "output_tokens", "host_us_per_step",
+    ])]
+    from_bench: Option<PathBuf>,
+    /// With --from-bench: tensor-parallel ranks of the deployment that run measured
+    /// (to take the modelled decode step out of its TPOT).
+    #[arg(long, default_value_t = 1, requires = "from_bench")]
+    bench_tp: usize,
 }
 
 fn parse_gpu(s: &str) -> Result<worker::sim::GpuKind, String> {
@@ -134,6 +166,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
             requests_per_active_minute,
             prompt_tokens: a.prompt_tokens,
             output_tokens: a.output_tokens,
+            ..Workload::default()
         },
         slo: Slo {
             ttft_p95_ms: a.slo_ttft_p95_ms,
@@ -151,8 +184,57 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         seed: a.seed,
         ..PlanConfig::default()
     };
+    if a.verify
+        && !(a.verify_seconds > 0.0
+            && a.verify_seconds.is_finite()
+            && !a.verify_loads.is_empty()
+            && a.verify_loads.iter().all(|f| *f > 0.0 && f.is_finite()))
+    {
+        anyhow::bail!("--verify-seconds and every --verify-loads level must be positive");
+    }
+    let mut cfg = cfg;
+    if let Some(path) = &a.from_bench {
+        let source = path.display().to_string();
+        let bench = benches::bench::report::BenchReport::read_json(path)
+            .map_err(|e| anyhow::anyhow!("--from-bench: {e}"))?;
+        let taken = plan::from_bench::from_bench(&bench, &source, &cfg, a.bench_tp)?;
+        cfg.workload = taken.workload;
+        if let Some(h) = taken.host {
+            cfg.host = h;
+        }
+        // The developer counts do not apply to a measured rate.
+        notes.clear();
+        notes.extend(taken.notes);
+    }
     let mut report = plan::plan(&cfg)?;
     report.notes.extend(notes);
+    if a.verify {
+        let to_check: Vec<_> = if a.verify_every_tp {
+            report
+                .candidates
+                .iter()
+                .filter(|c| c.infeasible.is_none())
+                .collect()
+        } else {
+            report.recommendation().into_iter().collect()
+        };
+        if to_check.is_empty() {
+            anyhow::bail!(
+                "--verify: no TP meets the SLO on {}, so there is no capacity to check",
+                report.gpu
+            );
+        }
+        let v = plan::verify::VerifyConfig {
+            fractions: a.verify_loads.clone(),
+            seconds: a.verify_seconds,
+            seed: a.seed,
+            progress: true,
+            ..Default::default()
+        };
+        report.verify = Some(crate::plan_verify::verify_all(
+            &cfg, &a.model, &to_check, &v,
+        )?);
+    }
     if let Some(path) = &a.plot {
         plan::plot::write_plot(&report, path)?;
     }
@@ -160,6 +242,9 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", plan::render_text(&report));
+        if let Some(rows) = &report.verify {
+            print!("{}", plan::verify::render_verify(rows, a.verify_seconds));
+        }
         if let Some(path) = &a.plot {
             println!("plot written to {}", path.display());
         }

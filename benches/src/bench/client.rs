@@ -193,6 +193,7 @@ impl Client {
             itl: Vec::new(),
             output_tokens: 0,
             prompt_tokens: None,
+            cached_tokens: None,
             token_source: TokenCountSource::Chunks,
         };
         let result =
@@ -282,6 +283,9 @@ impl Client {
                 if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
                     usage_tokens = u["completion_tokens"].as_u64().or(usage_tokens);
                     rec.prompt_tokens = u["prompt_tokens"].as_u64().or(rec.prompt_tokens);
+                    rec.cached_tokens = u["prompt_tokens_details"]["cached_tokens"]
+                        .as_u64()
+                        .or(rec.cached_tokens);
                 }
             }
         }

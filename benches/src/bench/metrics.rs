@@ -73,6 +73,9 @@ pub struct RequestRecord {
     pub itl: Vec<f64>,
     pub output_tokens: u64,
     pub prompt_tokens: Option<u64>,
+    /// Prompt tokens the server served from its prefix cache
+    /// (`usage.prompt_tokens_details.cached_tokens`), when it says.
+    pub cached_tokens: Option<u64>,
     pub token_source: TokenCountSource,
 }
 
@@ -184,6 +187,7 @@ mod tests {
             itl: Vec::new(),
             output_tokens: tokens,
             prompt_tokens: None,
+            cached_tokens: None,
             token_source: TokenCountSource::Usage,
         }
     }

@@ -413,6 +413,7 @@ async fn developer(ctx: Arc<RunCtx>, mut session: KeystrokeSession) {
                     itl: Vec::new(),
                     output_tokens: 0,
                     prompt_tokens: None,
+                    cached_tokens: None,
                     token_source: TokenCountSource::Chunks,
                 },
             };

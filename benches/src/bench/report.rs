@@ -4,7 +4,8 @@
 //! JSON shape (`--json-out`; stable, read back by [`BenchReport::read_json`]): the
 //! settings (`url`, `endpoint`, `model`, `workload`, `seed`, `slo`) and `runs`, one
 //! object per load level with counts (`sent = completed + cancelled + failed`),
-//! throughputs (per second of run duration), `goodput` (requests/s meeting the SLO,
+//! throughputs (per second of run duration), `prefix_cache_hit_rate` (cached ÷ prompt
+//! tokens where the server reported them, else `null`), `goodput` (requests/s meeting the SLO,
 //! `null` when no SLO was given), `output_tokens_counted_from` (`usage`, `chunks`,
 //! `mixed` or `none`), and `ttft_ms`, `tpot_ms`, `itl_ms`, `e2e_ms` summaries (count,
 //! mean, min, p50, p90, p95, p99, max), over completed requests. Definitions:
@@ -45,6 +46,11 @@ pub struct RunReport {
     pub input_token_throughput: Option<f64>,
     pub total_output_tokens: u64,
     pub total_input_tokens: Option<u64>,
+    /// Share of prompt tokens served from the server's prefix cache, over the completed
+    /// requests whose usage said (`prompt_tokens_details.cached_tokens`); `null` when
+    /// none did (older reports lack the field).
+    #[serde(default)]
+    pub prefix_cache_hit_rate: Option<f64>,
     /// Completed requests per second that met every SLO; `null` without an SLO.
     pub goodput: Option<f64>,
     pub output_tokens_counted_from: String,
@@ -93,6 +99,10 @@ impl RunReport {
             0 => "chunks",
             _ => "mixed",
         };
+        let (cached, of) = done
+            .iter()
+            .filter_map(|r| Some((r.cached_tokens?, r.prompt_tokens?)))
+            .fold((0u64, 0u64), |(c, p), (rc, rp)| (c + rc, p + rp));
         let ttft: Vec<f64> = done.iter().filter_map(|r| r.ttft).collect();
         let tpot: Vec<f64> = done.iter().filter_map(|r| r.tpot()).collect();
         let itl: Vec<f64> = done.iter().flat_map(|r| r.itl.iter().copied()).collect();
@@ -110,6 +120,7 @@ impl RunReport {
             input_token_throughput: total_input_tokens.map(|t| per_s(t as f64)),
             total_output_tokens,
             total_input_tokens,
+            prefix_cache_hit_rate: (of > 0).then(|| cached as f64 / of as f64),
             goodput: (!slo.is_empty()).then(|| goodput(records, slo, duration_s)),
             output_tokens_counted_from: counted_from.to_string(),
             ttft_ms: Stats::from_seconds(&ttft),
@@ -219,6 +230,13 @@ impl BenchReport {
             if let Some(t) = run.input_token_throughput {
                 line(&mut s, "Input token throughput (tok/s):", format!("{t:.1}"));
             }
+            if let Some(h) = run.prefix_cache_hit_rate {
+                line(
+                    &mut s,
+                    "Prefix-cache hit rate (prompt tokens):",
+                    format!("{:.1}%", h * 100.0),
+                );
+            }
             line(
                 &mut s,
                 "Output tokens counted from:",
@@ -260,6 +278,7 @@ mod tests {
             itl: vec![(e2e - ttft) / 2.0; 2],
             output_tokens: tokens,
             prompt_tokens: Some(10),
+            cached_tokens: None,
             token_source: TokenCountSource::Usage,
         }
     }

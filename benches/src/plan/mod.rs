@@ -15,8 +15,10 @@
 //! (the curve stops three points past the SLO's knee), plus one at the planned load:
 //! a few seconds of CPU in all with the defaults.
 
+pub mod from_bench;
 pub mod plot;
 pub mod simulate;
+pub mod verify;
 
 use serde::Serialize;
 use worker::sim::{GpuKind, Provenance, StepTimeModel};
@@ -33,6 +35,8 @@ pub enum PlanError {
     Simulation(String),
     #[error("plot: {0}")]
     Plot(String),
+    #[error("verify: {0}")]
+    Verify(String),
     #[error("writing {path}: {source}")]
     Io {
         path: String,
@@ -60,6 +64,11 @@ pub struct Workload {
     pub requests_per_active_minute: f64,
     pub prompt_tokens: usize,
     pub output_tokens: usize,
+    /// Share of each prompt served from the prefix cache (0 = none, conservative).
+    pub prefix_cache_hit_rate: f64,
+    /// Fleet arrival rate, requests/s, when it was measured (`--from-bench`) instead
+    /// of derived from the developer counts.
+    pub arrival_rate_per_s: Option<f64>,
 }
 
 impl Default for Workload {
@@ -70,6 +79,8 @@ impl Default for Workload {
             requests_per_active_minute: 6.0,
             prompt_tokens: 1536,
             output_tokens: 48,
+            prefix_cache_hit_rate: 0.0,
+            arrival_rate_per_s: None,
         }
     }
 }
@@ -77,7 +88,9 @@ impl Default for Workload {
 impl Workload {
     /// Requests per second over the whole fleet.
     pub fn rate_per_s(&self) -> f64 {
-        self.developers as f64 * self.active_fraction * self.requests_per_active_minute / 60.0
+        self.arrival_rate_per_s.unwrap_or(
+            self.developers as f64 * self.active_fraction * self.requests_per_active_minute / 60.0,
+        )
     }
 }
 
@@ -190,6 +203,9 @@ pub struct PlanReport {
     pub recommended: Option<usize>,
     /// Defaults that were applied and where their numbers come from.
     pub notes: Vec<String>,
+    /// `--verify`: predicted vs observed on a real sim replica, per load level.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Vec<verify::VerifyRow>>,
 }
 
 impl PlanReport {
@@ -219,6 +235,12 @@ pub fn plan(cfg: &PlanConfig) -> Result<PlanReport, PlanError> {
     }
     let with_slo = PlanConfig { slo, ..cfg.clone() };
     let cfg = &with_slo;
+    let hit = cfg.workload.prefix_cache_hit_rate;
+    if !(0.0..1.0).contains(&hit) {
+        return Err(PlanError::Input(format!(
+            "the prefix-cache hit rate must be in [0, 1), got {hit}"
+        )));
+    }
     if cfg.workload.prompt_tokens == 0 || cfg.workload.output_tokens == 0 {
         return Err(PlanError::Input(
             "--prompt-tokens and --output-tokens must be at least 1".into(),
@@ -258,6 +280,7 @@ pub fn plan(cfg: &PlanConfig) -> Result<PlanReport, PlanError> {
         candidates,
         recommended,
         notes,
+        verify: None,
     })
 }
 
@@ -275,46 +298,76 @@ fn infeasible(tp: usize, why: String) -> Candidate {
     }
 }
 
+/// One replica of `model` with `blocks` KV blocks per rank, simulated for
+/// `duration_s` at `rate_per_s` with `cfg`'s workload, scheduler and host overhead.
+fn simulate_at(
+    cfg: &PlanConfig,
+    model: &StepTimeModel,
+    blocks: u64,
+    rate_per_s: f64,
+    duration_s: f64,
+) -> Result<LoadResult, PlanError> {
+    let w = &cfg.workload;
+    simulate(
+        model,
+        &SimConfig {
+            rate_per_s,
+            prompt_tokens: w.prompt_tokens,
+            output_tokens: w.output_tokens,
+            prefix_hit_rate: w.prefix_cache_hit_rate,
+            duration_s,
+            warmup_fraction: 0.1,
+            seed: cfg.seed,
+            host: cfg.host,
+            scheduler: scheduler::SchedulerConfig {
+                num_blocks: blocks.min(u64::from(u32::MAX - 1)) as usize,
+                block_size: cfg.block_size,
+                max_num_batched_tokens: cfg.max_num_batched_tokens,
+                max_num_seqs: cfg.max_num_seqs,
+                max_model_len: cfg.model.max_position_embeddings,
+                max_waiting: usize::MAX / 2,
+                sliding_window: cfg.model.sliding_window.map(|s| s as usize),
+                ..Default::default()
+            },
+        },
+    )
+    .map_err(PlanError::Simulation)
+}
+
+/// The model and KV blocks per rank of one TP, or why it cannot serve.
+fn replica(cfg: &PlanConfig, tp: usize) -> Result<(StepTimeModel, u64), String> {
+    let model =
+        StepTimeModel::new(cfg.model.clone(), cfg.gpu.spec(), tp).map_err(|e| e.to_string())?;
+    let blocks = model
+        .kv_capacity_blocks(
+            cfg.block_size,
+            cfg.memory_utilization,
+            cfg.max_num_batched_tokens,
+            cfg.max_num_seqs,
+        )
+        .map_err(|e| e.to_string())?;
+    Ok((model, blocks))
+}
+
+/// The simulated p95s of one replica at TP `tp` under `rate_per_s` for `duration_s`
+/// simulated seconds (what `--verify` compares a real replica against).
+pub fn predict(
+    cfg: &PlanConfig,
+    tp: usize,
+    rate_per_s: f64,
+    duration_s: f64,
+) -> Result<LoadResult, PlanError> {
+    let (model, blocks) = replica(cfg, tp).map_err(PlanError::Input)?;
+    simulate_at(cfg, &model, blocks, rate_per_s, duration_s)
+}
+
 fn candidate(cfg: &PlanConfig, tp: usize, rate: f64) -> Result<Candidate, PlanError> {
-    let model = match StepTimeModel::new(cfg.model.clone(), cfg.gpu.spec(), tp) {
-        Ok(m) => m,
-        Err(e) => return Ok(infeasible(tp, e.to_string())),
-    };
-    let blocks = match model.kv_capacity_blocks(
-        cfg.block_size,
-        cfg.memory_utilization,
-        cfg.max_num_batched_tokens,
-        cfg.max_num_seqs,
-    ) {
-        Ok(b) => b,
-        Err(e) => return Ok(infeasible(tp, e.to_string())),
+    let (model, blocks) = match replica(cfg, tp) {
+        Ok(r) => r,
+        Err(e) => return Ok(infeasible(tp, e)),
     };
     let w = &cfg.workload;
-    let sim = |rate_per_s: f64| {
-        simulate(
-            &model,
-            &SimConfig {
-                rate_per_s,
-                prompt_tokens: w.prompt_tokens,
-                output_tokens: w.output_tokens,
-                duration_s: cfg.duration_s,
-                warmup_fraction: 0.1,
-                seed: cfg.seed,
-                host: cfg.host,
-                scheduler: scheduler::SchedulerConfig {
-                    num_blocks: blocks.min(u64::from(u32::MAX - 1)) as usize,
-                    block_size: cfg.block_size,
-                    max_num_batched_tokens: cfg.max_num_batched_tokens,
-                    max_num_seqs: cfg.max_num_seqs,
-                    max_model_len: cfg.model.max_position_embeddings,
-                    max_waiting: usize::MAX / 2,
-                    sliding_window: cfg.model.sliding_window.map(|s| s as usize),
-                    ..Default::default()
-                },
-            },
-        )
-        .map_err(PlanError::Simulation)
-    };
+    let sim = |rate_per_s: f64| simulate_at(cfg, &model, blocks, rate_per_s, cfg.duration_s);
     // The grid spans up to 1.2× a throughput bound no replica beats: full decode
     // batches plus prefills packed into full steps. It depends on the model, GPU, TP
     // and request shape only, never on the traffic or the SLO.
@@ -394,11 +447,25 @@ pub fn render_text(r: &PlanReport) -> String {
     let mut s = String::new();
     let w = &r.workload;
     let _ = writeln!(s, "stral plan — MODELLED, not measured ({})", r.source);
+    let traffic = match w.arrival_rate_per_s {
+        Some(rate) => format!("{rate:.2} requests/s (measured)"),
+        None => format!(
+            "{} developers × {} active × {} req/min = {:.2} requests/s",
+            w.developers, w.active_fraction, w.requests_per_active_minute, r.total_rate_per_s
+        ),
+    };
+    let cached = if w.prefix_cache_hit_rate > 0.0 {
+        format!(
+            ", {:.0}% from the prefix cache",
+            w.prefix_cache_hit_rate * 100.0
+        )
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         s,
-        "model {} on {} ({}); workload: {} developers × {} active × {} req/min = {:.2} requests/s, {} prompt + {} output tokens",
-        r.model, r.gpu, r.gpu_product, w.developers, w.active_fraction, w.requests_per_active_minute,
-        r.total_rate_per_s, w.prompt_tokens, w.output_tokens
+        "model {} on {} ({}); workload: {traffic}, {} prompt{cached} + {} output tokens",
+        r.model, r.gpu, r.gpu_product, w.prompt_tokens, w.output_tokens
     );
     let slo = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v} ms"));
     let _ = writeln!(
@@ -515,6 +582,7 @@ mod tests {
                 requests_per_active_minute: 6.0,
                 prompt_tokens: 1024,
                 output_tokens: 32,
+                ..Default::default()
             },
             slo: Slo {
                 ttft_p95_ms: Some(ttft_ms),

@@ -306,7 +306,9 @@ fn simulate_at(
     blocks: u64,
     rate_per_s: f64,
     duration_s: f64,
+    arrivals_s: Option<Vec<f64>>,
 ) -> Result<LoadResult, PlanError> {
+    let warmup_fraction = if arrivals_s.is_some() { 0.0 } else { 0.1 };
     let w = &cfg.workload;
     simulate(
         model,
@@ -316,8 +318,9 @@ fn simulate_at(
             output_tokens: w.output_tokens,
             prefix_hit_rate: w.prefix_cache_hit_rate,
             duration_s,
-            warmup_fraction: 0.1,
+            warmup_fraction,
             seed: cfg.seed,
+            arrivals_s,
             host: cfg.host,
             scheduler: scheduler::SchedulerConfig {
                 num_blocks: blocks.min(u64::from(u32::MAX - 1)) as usize,
@@ -349,16 +352,18 @@ fn replica(cfg: &PlanConfig, tp: usize) -> Result<(StepTimeModel, u64), String> 
     Ok((model, blocks))
 }
 
-/// The simulated p95s of one replica at TP `tp` under `rate_per_s` for `duration_s`
-/// simulated seconds (what `--verify` compares a real replica against).
+/// The simulated p95s of one replica at TP `tp` for exactly the arrivals `arrivals_s`
+/// (seconds from the start, ascending; every request measured, no warm-up cut) at a
+/// nominal `rate_per_s`: what `--verify` compares a real replica against.
 pub fn predict(
     cfg: &PlanConfig,
     tp: usize,
     rate_per_s: f64,
-    duration_s: f64,
+    arrivals_s: Vec<f64>,
 ) -> Result<LoadResult, PlanError> {
     let (model, blocks) = replica(cfg, tp).map_err(PlanError::Input)?;
-    simulate_at(cfg, &model, blocks, rate_per_s, duration_s)
+    let end = arrivals_s.last().copied().unwrap_or(0.0);
+    simulate_at(cfg, &model, blocks, rate_per_s, end, Some(arrivals_s))
 }
 
 fn candidate(cfg: &PlanConfig, tp: usize, rate: f64) -> Result<Candidate, PlanError> {
@@ -367,7 +372,8 @@ fn candidate(cfg: &PlanConfig, tp: usize, rate: f64) -> Result<Candidate, PlanEr
         Err(e) => return Ok(infeasible(tp, e)),
     };
     let w = &cfg.workload;
-    let sim = |rate_per_s: f64| simulate_at(cfg, &model, blocks, rate_per_s, cfg.duration_s);
+    let sim =
+        |rate_per_s: f64| simulate_at(cfg, &model, blocks, rate_per_s, cfg.duration_s, None);
     // The grid spans up to 1.2× a throughput bound no replica beats: full decode
     // batches plus prefills packed into full steps. It depends on the model, GPU, TP
     // and request shape only, never on the traffic or the SLO.

@@ -53,6 +53,10 @@ pub struct SimConfig {
     pub duration_s: f64,
     pub warmup_fraction: f64,
     pub seed: u64,
+    /// Given arrival times (seconds from the start, ascending) instead of Poisson
+    /// draws: `--verify` replays the very arrivals `stral bench` sent, so predicted and
+    /// observed differ by the model only, not by sampling.
+    pub arrivals_s: Option<Vec<f64>>,
     pub host: HostOverhead,
     pub scheduler: SchedulerConfig,
 }
@@ -67,6 +71,7 @@ impl Default for SimConfig {
             duration_s: 60.0,
             warmup_fraction: 0.1,
             seed: 0,
+            arrivals_s: None,
             host: HostOverhead::default(),
             scheduler: SchedulerConfig::default(),
         }
@@ -109,14 +114,18 @@ pub fn simulate(model: &StepTimeModel, cfg: &SimConfig) -> Result<LoadResult, St
     let mut sched = Scheduler::new(cfg.scheduler.clone()).map_err(|e| e.to_string())?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut arrivals = Vec::new();
-    let mut t = 0.0;
-    loop {
-        let u: f64 = rng.random::<f64>();
-        t += -(1.0 - u).ln() / cfg.rate_per_s;
-        if t > cfg.duration_s {
-            break;
+    if let Some(given) = &cfg.arrivals_s {
+        arrivals.extend(given.iter().map(|t| t * 1e6));
+    } else {
+        let mut t = 0.0;
+        loop {
+            let u: f64 = rng.random::<f64>();
+            t += -(1.0 - u).ln() / cfg.rate_per_s;
+            if t > cfg.duration_s {
+                break;
+            }
+            arrivals.push(t * 1e6);
         }
-        arrivals.push(t * 1e6);
     }
     let warmup = (arrivals.len() as f64 * cfg.warmup_fraction) as usize;
     let mut reqs: Vec<Request> = arrivals

@@ -6,8 +6,9 @@
 //! tokenizer, engine loop and scheduler, over sim workers whose every step lasts the
 //! same step-time model's time (no GPU, no math). [`verify`] drives it with the
 //! planner's workload through `stral bench` (fixed prompt and output lengths, Poisson
-//! arrivals, FIM) at fractions of the candidate's predicted capacity, and runs the
-//! planner's simulation at the same rates. Error = observed ÷ predicted − 1.
+//! arrivals, FIM) at fractions of the candidate's predicted capacity, and replays the
+//! very arrival times the bench sent through the planner's simulation, so the two
+//! differ by the model only, not by sampling. Error = observed ÷ predicted − 1.
 //!
 //! What this checks: the simulation's model of batching, chunked prefill, queueing and
 //! the coordinator's per-step overhead. It does not check the step-time model itself —
@@ -132,9 +133,6 @@ pub async fn verify(
     let mut rows = Vec::new();
     for (level, &fraction) in v.fractions.iter().enumerate() {
         let rate = fraction * cand.capacity_per_replica_rps;
-        // The prediction gets at least the plan's own simulated window, so that its
-        // p95 is not a handful of samples.
-        let predicted = predict(cfg, cand.tp, rate, v.seconds.max(cfg.duration_s))?;
         let bench_cfg = BenchConfig {
             url: v.url.clone(),
             endpoint: Endpoint::Fim,
@@ -157,6 +155,13 @@ pub async fn verify(
             .first()
             .ok_or_else(|| PlanError::Verify("stral bench reported no run".into()))?;
         let observed = Observed::from_run(run);
+        let mut sent: Vec<f64> = report
+            .samples
+            .first()
+            .map(|records| records.iter().map(|r| r.sent_at).collect())
+            .unwrap_or_default();
+        sent.sort_by(f64::total_cmp);
+        let predicted = predict(cfg, cand.tp, rate, sent)?;
         rows.push(VerifyRow {
             tp: cand.tp,
             fraction,

@@ -217,12 +217,17 @@ pub struct Sample {
 /// fails the Init; a shape every rank rejects alike (plan checks) is skipped.
 pub fn step_cost(rank: &mut Rank) -> Result<StepCostModel, WorkerError> {
     let lim = rank.limits();
-    let limits = ProfileLimits {
+    // A modelled step holds no block: only the KV capacity bounds its shapes.
+    let modelled_limits = ProfileLimits {
         max_tokens: lim.max_tokens,
         max_seqs: lim.max_seqs,
         block_size: lim.block_size,
         max_context: lim.max_context,
-        scratch_blocks: lim.num_blocks.saturating_sub(1).min(SCRATCH_BLOCKS),
+        scratch_blocks: lim.num_blocks.saturating_sub(1),
+    };
+    let limits = ProfileLimits {
+        scratch_blocks: modelled_limits.scratch_blocks.min(SCRATCH_BLOCKS),
+        ..modelled_limits
     };
     let work = |s: &Shape| {
         vec![
@@ -235,7 +240,7 @@ pub fn step_cost(rank: &mut Rank) -> Result<StepCostModel, WorkerError> {
         ]
     };
     let t0 = Instant::now();
-    let modelled: Option<Vec<Sample>> = shapes(&limits, Scale::MODELLED)
+    let modelled: Option<Vec<Sample>> = shapes(&modelled_limits, Scale::MODELLED)
         .iter()
         .map(|s| rank.modelled_step_ms(&work(s)).map(|ms| sample(s, ms)))
         .collect();

@@ -29,9 +29,11 @@
 //!
 //! Cost: one warm-up step, then [`REPS`] rounds of at most six steps, together at
 //! most `1.5 × MEASURED_PREFILL + 2.25 × MEASURED_DECODE_SEQS` new tokens per round
-//! (13 steps and 164 tokens: about 0.5 s on the tiny model's CPU rank on 2 busy
-//! cores, where a token costs about 2.8 ms); a modelled backend evaluates its model
-//! for a few dozen shapes (microseconds). A fit is O(shapes).
+//! (13 steps and 132 tokens on the tiny model's CPU rank: measured 0.8–1.0 s on a
+//! 2-core machine shared with builds and other tests, where a token cost 3–3.5 ms;
+//! the same tokens cost about 0.4 ms on an idle machine, see `benches/RESULTS.md`);
+//! a modelled backend evaluates its model for a few dozen shapes (microseconds). A
+//! fit is O(shapes).
 
 use std::time::Instant;
 
@@ -47,7 +49,7 @@ pub const SCRATCH_BLOCKS: usize = 256;
 /// median is fitted.
 pub const REPS: usize = 2;
 /// Largest prefill chunk a measured rank times (tokens).
-pub const MEASURED_PREFILL: usize = 32;
+pub const MEASURED_PREFILL: usize = 24;
 /// Largest decode batch a measured rank times (sequences).
 pub const MEASURED_DECODE_SEQS: usize = 8;
 /// Deepest context a measured rank's decodes and chunk read (tokens).

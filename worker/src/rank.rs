@@ -147,11 +147,6 @@ impl Rank {
         self.seqs.clear();
     }
 
-    /// How many sequences the rank mirrors.
-    pub fn live_sequences(&self) -> usize {
-        self.seqs.len()
-    }
-
     /// What `Init` set this rank up for.
     pub fn limits(&self) -> RankLimits {
         self.limits

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use coordinator::engine::EngineConfig;
+use coordinator::engine::{EngineConfig, StepTarget};
 use coordinator::http::{HttpConfig, DEFAULT_MODEL_NAMES};
 use coordinator::ops::{Ops, OpsConfig};
 use coordinator::serve::ServeConfig;
@@ -109,9 +109,25 @@ pub struct ServeArgs {
     /// Most sequences in one step (and running at once).
     #[arg(long, default_value_t = SchedulerConfig::default().max_num_seqs)]
     max_num_seqs: usize,
-    /// Token budget of one step (decodes plus prefill chunks).
+    /// Token budget of one step (decodes plus prefill chunks): a hard cap, whatever
+    /// --max-step-ms allows.
     #[arg(long, default_value_t = SchedulerConfig::default().max_num_batched_tokens)]
     max_num_batched_tokens: usize,
+    /// Step-time target in milliseconds: the prefill tokens added to a step are
+    /// capped so that its predicted time (from the step cost model the workers
+    /// measure at start-up, shown in /metrics as stral_step_cost_*) stays within it,
+    /// so a burst of prompts reaches its first tokens over several short steps instead
+    /// of one long one. Running decodes are always scheduled. `auto`: 4 × a decode
+    /// step of --max-num-seqs sequences at a quarter of the model's context, no cap
+    /// when the workers measure no cost (--worker-backend null); `off` (or `none`): no
+    /// cap; a number: that many ms.
+    #[arg(
+        long,
+        default_value = "auto",
+        value_name = "auto|off|MS",
+        allow_hyphen_values = true
+    )]
+    max_step_ms: StepTarget,
     /// Requests that may wait for admission before the API answers 429.
     #[arg(long, default_value_t = SchedulerConfig::default().max_waiting)]
     max_waiting: usize,
@@ -391,6 +407,7 @@ impl ServeArgs {
                 anyhow::anyhow!("--recovery-timeout must be a number of seconds ≥ 0")
             })?,
             max_restarts_per_request: self.max_restarts_per_request,
+            max_step: self.max_step_ms,
             ..EngineConfig::default()
         })
     }

@@ -2,8 +2,8 @@
 //!
 //! Lock-free on the hot path: counters and histogram buckets are atomics; the only
 //! lock guards the (endpoint, status) request counter map, touched once per request.
-//! Engine gauges (queue, KV blocks, prefix-cache hits, step time) are read from the
-//! engine's snapshot at scrape time.
+//! Engine gauges (queue, KV blocks, prefix-cache hits, step time, the group's step
+//! cost model and step-time target) are read from the engine's snapshot at scrape time.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -162,6 +162,26 @@ fn render_gauges(out: &mut String, engine: &EngineStats, ready: bool) {
             "stral_prefix_cache_hit_rate",
             "Fraction of prompt tokens served from the prefix cache.",
             engine.prefix_cache_hit_rate,
+        ),
+        (
+            "stral_step_cost_fixed_ms",
+            "Step cost model of the worker group (slowest rank, measured at start-up): ms per step.",
+            engine.step_cost.fixed_ms,
+        ),
+        (
+            "stral_step_cost_per_token_ms",
+            "Step cost model of the worker group: ms per token computed.",
+            engine.step_cost.per_token_ms,
+        ),
+        (
+            "stral_step_cost_per_context_token_ms",
+            "Step cost model of the worker group: ms per KV position read (position + tokens, per sequence).",
+            engine.step_cost.per_context_token_ms,
+        ),
+        (
+            "stral_max_step_ms",
+            "Predicted step time that prefill is capped to (--max-step-ms); 0: no cap.",
+            engine.max_step_ms.unwrap_or(0.0),
         ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");

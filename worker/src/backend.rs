@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use crate::collective::Collective;
 use crate::model::{CpuModel, SeqChunk, StepInput};
+use crate::sim::SeqWork;
 use crate::WorkerError;
 
 /// One checked step as a backend sees it: the scheduled chunks in plan order, and
@@ -67,6 +68,13 @@ pub trait Backend: Send {
 
     /// The `Health` detail of a ready rank on this backend.
     fn describe(&self) -> String;
+
+    /// This backend's own time for a step of `work`, in ms, when it has a model of
+    /// it (sim: the modelled GPU; null: 0, no math). `None` (the default): the time is
+    /// what running the step takes, and start-up profiling measures it.
+    fn modelled_step_ms(&self, _work: &[SeqWork]) -> Option<f64> {
+        None
+    }
 }
 
 /// The CPU reference forward pass (f32) with its collective (in-process or TCP).
@@ -104,6 +112,10 @@ impl Backend for NullBackend {
 
     fn describe(&self) -> String {
         "ready (null: no math, pseudo-tokens)".into()
+    }
+
+    fn modelled_step_ms(&self, _: &[SeqWork]) -> Option<f64> {
+        Some(0.0)
     }
 }
 

@@ -5,7 +5,9 @@
 //! choice of backend, the CPU and null backends' setup (checkpoint, KV budget bounded
 //! by the memory this machine has, TCP collective), and the reply. Backends with a
 //! device of their own are opened by their modules (`cuda::init::open`,
-//! `sim::open`); adding one is one line in [`open`].
+//! `sim::open`); adding one is one line in [`open`]. Once the rank is built, its
+//! step cost model is fitted ([`profile::step_cost`]: scratch steps, all blocks
+//! returned) and reported.
 //!
 //! Invariant: every size that would be allocated is checked first — a KV cache
 //! larger than the memory available is an Init error, never an out-of-memory abort.
@@ -21,6 +23,7 @@ use crate::checkpoint::Checkpoint;
 use crate::collective::{Collective, SoloCollective};
 use crate::cuda::CudaDevice;
 use crate::model::{CpuModel, RankWeights, ShardSpec};
+use crate::profile;
 use crate::rank::{Rank, RankLimits};
 use crate::sampler::EOS_TOKEN_ID;
 use crate::sim::{self, SimDevice};
@@ -63,6 +66,7 @@ pub fn init(opts: &InitOptions, req: &InitRequest) -> Result<(Rank, InitReply), 
         }),
         rank: shape.rank as u32,
         tp_world_size: shape.tp as u32,
+        step_cost: None,
     };
     let limits = RankLimits {
         num_blocks: num_blocks as usize,
@@ -73,7 +77,12 @@ pub fn init(opts: &InitOptions, req: &InitRequest) -> Result<(Rank, InitReply), 
         max_tokens: shape.max_tokens,
         max_seqs: shape.max_seqs,
     };
-    Ok((Rank::new(opened.backend, shape.rank as u32, limits), reply))
+    let mut rank = Rank::new(opened.backend, shape.rank as u32, limits);
+    let reply = InitReply {
+        step_cost: Some(profile::step_cost(&mut rank)?),
+        ..reply
+    };
+    Ok((rank, reply))
 }
 
 /// The backend for the request's device.

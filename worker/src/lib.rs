@@ -17,6 +17,7 @@
 //! | [`auth`] | who may call: the token rule for non-loopback listeners and the interceptor |
 //! | [`init`] | `Init`: device resolution, the shared checks, the backend choice, CPU/null setup with memory bounds, the `InitReply` |
 //! | [`rank`] | a rank's mirrored sequences, the plan checks, the one step path, rank 0's sampling |
+//! | [`profile`] | the step cost model: scratch steps timed at `Init` (or the backend's own model), the fit |
 //! | [`backend`] | the `Backend` trait, the CPU and null backends, what `Init` hands a backend |
 //! | [`cuda`] (`cuda::init`) / [`sim`] | the CUDA backend and its `Init` / the sim backend and its `Init`, GPU table, step-time model |
 //! | [`model`], [`sampler`] | the CPU forward pass and step input / per-sequence sampling |
@@ -24,7 +25,7 @@
 //! | [`collective`], [`tcp_collective`], [`local`] | all-reduce and gather between ranks; an in-process TP group |
 //! | [`fault`] | the test-only crash hook (`STRAL_FAULT_CRASH_ON_TOKEN`) |
 //!
-//! `service → init → {cuda::init, sim, backend, rank}`; `rank → {backend, sampler,
+//! `service → init → {cuda::init, sim, backend, rank, profile}`; `profile → rank`; `rank → {backend, sampler,
 //! model}`; backends → `model` / `cuda::model` → `collective`, `kernels`.
 
 pub mod auth;
@@ -38,6 +39,7 @@ pub mod fault;
 pub mod init;
 pub mod local;
 pub mod model;
+pub mod profile;
 pub mod rank;
 pub mod safetensors_io;
 pub mod sampler;

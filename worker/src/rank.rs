@@ -132,6 +132,33 @@ impl Rank {
 
     /// Checks, runs and commits one plan; rank 0 returns a token per sampled sequence.
     pub fn step(&mut self, plan: &StepPlan) -> Result<Vec<SampledToken>, WorkerError> {
+        self.run(plan, true)
+    }
+
+    /// [`Rank::step`] for a start-up profiling plan ([`crate::profile`]): the same
+    /// path, without the test-only crash hook (its tokens are not a request's).
+    pub(crate) fn scratch_step(&mut self, plan: &StepPlan) -> Result<(), WorkerError> {
+        self.run(plan, false).map(drop)
+    }
+
+    /// Forgets every mirrored sequence, as if no plan had run (after profiling: the
+    /// coordinator has not handed out a block yet, so none is in use).
+    pub(crate) fn forget_sequences(&mut self) {
+        self.seqs.clear();
+    }
+
+    /// What `Init` set this rank up for.
+    pub fn limits(&self) -> RankLimits {
+        self.limits
+    }
+
+    /// The backend's own step time for `work` in ms, when it models one instead of
+    /// being measured ([`Backend::modelled_step_ms`]).
+    pub(crate) fn modelled_step_ms(&self, work: &[sim::SeqWork]) -> Option<f64> {
+        self.backend.modelled_step_ms(work)
+    }
+
+    fn run(&mut self, plan: &StepPlan, fault_hook: bool) -> Result<Vec<SampledToken>, WorkerError> {
         if let Some(why) = &self.failed {
             return Err(WorkerError::Collective(format!(
                 "the worker group is broken ({why}); re-Init it"
@@ -141,7 +168,9 @@ impl Rank {
         let lim = self.limits;
         let freed: HashSet<u64> = plan.freed.iter().copied().collect();
         let checked = check_plan(&self.seqs, &freed, lim, plan)?;
-        crate::fault::crash_if_fed(checked.iter().map(|c| c.seq.tokens.as_slice()));
+        if fault_hook {
+            crate::fault::crash_if_fed(checked.iter().map(|c| c.seq.tokens.as_slice()));
+        }
         let step = Step::new(
             checked
                 .iter()

@@ -269,3 +269,40 @@ async fn the_sim_reads_only_the_config_and_labels_its_times_modelled() {
         .total_us;
     assert!(r.elapsed_us as f64 >= modelled - 1.0, "{r:?} vs {modelled}");
 }
+
+/// The sim reports a fit of its own model: decode steps and prefill chunks across the
+/// range the scheduler uses are predicted within 35 % of the modelled time (the model
+/// is a roofline, not a line, so the fit cannot be exact).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sim_worker_reports_a_linear_fit_of_its_modelled_step_time() {
+    let mut c = connect().await;
+    let r = c
+        .init(sim_init("synthetic:codestral-22b", "sim:h100", 1, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let cost = r.step_cost.expect("a sim worker reports its step cost");
+    eprintln!("sim:h100 codestral-22b TP 1: {cost:?}");
+    assert!(cost.fixed_ms > 0.0 && cost.per_token_ms > 0.0, "{cost:?}");
+    let m = StepTimeModel::new(ModelConfig::codestral_22b(), GpuKind::H100.spec(), 1).unwrap();
+    for (seqs, cached, tokens) in [(64, 2048, 1), (256, 4096, 1), (1, 0, 2048), (1, 4096, 512)] {
+        let work = vec![
+            SeqWork {
+                new_tokens: tokens,
+                cached,
+                sample: true,
+            };
+            seqs
+        ];
+        let modelled = m.step(&work).total_us / 1e3;
+        let n = seqs as f64;
+        let predicted = cost.fixed_ms
+            + cost.per_token_ms * n * f64::from(tokens)
+            + cost.per_context_token_ms * n * f64::from(cached + tokens);
+        let err = (predicted - modelled).abs() / modelled;
+        assert!(
+            err < 0.35,
+            "{seqs}×{tokens} at {cached}: fit {predicted:.1} ms, model {modelled:.1} ms"
+        );
+    }
+}

@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 
 use super::api::{EngineError, EngineEvent, FinishReason, GenerateRequest, RequestId, TokenEvent};
 use super::executor::{ExecError, Executor, GroupFacts, PlannedSeq, Sampled, WorkPlan};
+use super::step_target::StepTarget;
 use super::{Command, EngineHandle, Shared, StepPhases};
 use crate::histogram::Histogram;
 
@@ -35,6 +36,10 @@ pub struct EngineConfig {
     /// A request that has lived through more worker-group crashes than this fails
     /// with 503 at the next one.
     pub max_restarts_per_request: u32,
+    /// The step-time target; resolved into `scheduler.max_step_ms` with each worker
+    /// group's step cost model when the group comes up (`scheduler.step_cost` and
+    /// `scheduler.max_step_ms` themselves are overwritten then).
+    pub max_step: StepTarget,
 }
 
 impl Default for EngineConfig {
@@ -44,6 +49,7 @@ impl Default for EngineConfig {
             restart_backoff: Duration::from_millis(500),
             recovery_timeout: Duration::from_secs(30),
             max_restarts_per_request: 2,
+            max_step: StepTarget::Auto,
         }
     }
 }
@@ -245,13 +251,24 @@ impl<E: Executor> Engine<E> {
                     continue;
                 }
             };
+            let config = self.scheduler_config(&facts);
             tracing::info!(
                 blocks = facts.num_blocks,
                 block_size = facts.block_size,
                 max_context = facts.max_context,
+                step_cost_fixed_ms = facts.step_cost.fixed_ms,
+                step_cost_per_token_ms = facts.step_cost.per_token_ms,
+                step_cost_per_context_token_ms = facts.step_cost.per_context_token_ms,
+                max_step_ms = ?config.max_step_ms,
+                max_step = %self.config.max_step,
                 "worker group ready"
             );
-            let mut sched = match Scheduler::new(self.scheduler_config(&facts)) {
+            {
+                let mut st = self.shared.stats.lock().expect("stats lock");
+                st.step_cost = facts.step_cost;
+                st.max_step_ms = config.max_step_ms;
+            }
+            let mut sched = match Scheduler::new(config) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!(error = %e, "the worker group's facts give an invalid scheduler configuration");
@@ -283,13 +300,23 @@ impl<E: Executor> Engine<E> {
         }
     }
 
+    /// The scheduler for a new group: its facts over the configured settings, and
+    /// the step-time target resolved with its cost model (no model: no cap).
     fn scheduler_config(&self, facts: &GroupFacts) -> SchedulerConfig {
+        let base = &self.config.scheduler;
+        let cost = facts.step_cost;
+        let measured = cost != scheduler::StepCost::default();
         SchedulerConfig {
             num_blocks: facts.num_blocks,
             block_size: facts.block_size,
             max_model_len: facts.max_context,
             sliding_window: facts.sliding_window.map(|w| w as usize),
-            ..self.config.scheduler.clone()
+            step_cost: measured.then_some(cost),
+            max_step_ms: self
+                .config
+                .max_step
+                .resolve(&cost, base.max_num_seqs, facts.max_context),
+            ..base.clone()
         }
     }
 

@@ -49,13 +49,18 @@ pub struct Sampled {
 }
 
 /// What the worker group reported at initialization.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct GroupFacts {
     /// KV blocks every rank can hold (the minimum over ranks).
     pub num_blocks: usize,
     pub block_size: usize,
     pub max_context: usize,
     pub sliding_window: Option<u32>,
+    /// The group's step cost model: the slowest rank's, i.e. the largest of each
+    /// coefficient over the ranks (the ranks run in lockstep, so a step lasts as long
+    /// as its slowest rank; taking each maximum never predicts a step shorter than
+    /// any rank's own model does). Zeros when the ranks measure none.
+    pub step_cost: scheduler::StepCost,
 }
 
 /// Why a worker group failed.

@@ -164,6 +164,19 @@ fn request<T>(message: T, token: Option<&str>) -> Result<tonic::Request<T>, Exec
     Ok(req)
 }
 
+/// The group's step cost model from every rank's reply: each coefficient's maximum
+/// (see [`GroupFacts::step_cost`]); a rank that reports none counts as zeros.
+fn slowest_step_cost(replies: &[pb::InitReply]) -> scheduler::StepCost {
+    replies.iter().filter_map(|r| r.step_cost.as_ref()).fold(
+        scheduler::StepCost::default(),
+        |acc, c| scheduler::StepCost {
+            fixed_ms: acc.fixed_ms.max(c.fixed_ms),
+            per_token_ms: acc.per_token_ms.max(c.per_token_ms),
+            per_context_token_ms: acc.per_context_token_ms.max(c.per_context_token_ms),
+        },
+    )
+}
+
 impl Executor for GrpcExecutor {
     async fn init(&mut self) -> Result<GroupFacts, ExecError> {
         self.ranks.clear();
@@ -252,6 +265,7 @@ impl Executor for GrpcExecutor {
             block_size: replies[0].block_size as usize,
             max_context: model.max_position_embeddings as usize,
             sliding_window: model.sliding_window,
+            step_cost: slowest_step_cost(&replies),
         };
         if facts.num_blocks < 2 {
             return Err(ExecError::Init(format!(

@@ -18,6 +18,7 @@ mod api;
 mod core;
 pub mod executor;
 pub mod grpc;
+pub mod step_target;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,6 +31,7 @@ pub use api::{
 };
 pub use core::{run_engine, EngineConfig};
 pub use executor::{ExecError, Executor, GroupFacts, StepOutput};
+pub use step_target::StepTarget;
 
 use crate::histogram::Histogram;
 
@@ -51,6 +53,11 @@ pub struct EngineStats {
     pub requests_recovered: u64,
     /// Seconds from losing a group to the next one being up.
     pub recovery_time: Arc<Histogram>,
+    /// The current group's step cost model (zeros before the first group and for
+    /// one that measures none).
+    pub step_cost: scheduler::StepCost,
+    /// The step-time target the scheduler caps prefill with; `None`: no cap.
+    pub max_step_ms: Option<f64>,
 }
 
 /// Where each step's wall time went (means are what matter: sum / count).

@@ -134,6 +134,10 @@ impl Backend for SimBackend {
         Ok(None)
     }
 
+    fn modelled_step_ms(&self, work: &[SeqWork]) -> Option<f64> {
+        Some(self.model.step(work).total_us * 1e-3)
+    }
+
     fn describe(&self) -> String {
         format!(
             "ready ({}: step times are modelled for that GPU, not measured; pseudo-tokens)",

@@ -372,8 +372,7 @@ fn candidate(cfg: &PlanConfig, tp: usize, rate: f64) -> Result<Candidate, PlanEr
         Err(e) => return Ok(infeasible(tp, e)),
     };
     let w = &cfg.workload;
-    let sim =
-        |rate_per_s: f64| simulate_at(cfg, &model, blocks, rate_per_s, cfg.duration_s, None);
+    let sim = |rate_per_s: f64| simulate_at(cfg, &model, blocks, rate_per_s, cfg.duration_s, None);
     // The grid spans up to 1.2× a throughput bound no replica beats: full decode
     // batches plus prefills packed into full steps. It depends on the model, GPU, TP
     // and request shape only, never on the traffic or the SLO.

@@ -153,7 +153,9 @@ pub struct ServeArgs {
     /// A worker that does not answer a step within this many seconds is considered lost.
     #[arg(long, default_value_t = 60)]
     step_timeout_s: u64,
-    /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
+    /// Seconds in-flight requests get to finish after SIGINT/SIGTERM. From the signal
+    /// on, /ready answers 503 (so a load balancer or `stral route` stops sending here)
+    /// while the server keeps serving until nothing is in flight, then exits.
     #[arg(long, default_value_t = 10)]
     shutdown_grace_s: u64,
     /// Seconds a request waits for a crashed worker group to come back (its stream

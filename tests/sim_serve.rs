@@ -12,6 +12,14 @@ use serde_json::json;
 use worker::sim::{GpuKind, SeqWork, StepTimeModel};
 use worker::ModelConfig;
 
+/// Held by the tests that start a server: the step-time comparison needs the cores to
+/// itself (another test's server on the same two cores inflates every step).
+static ONE_SERVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_server() -> std::sync::MutexGuard<'static, ()> {
+    ONE_SERVER.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Tokens generated per request; with the prompt's prefill, this many steps.
 const MAX_TOKENS: u64 = 64;
 
@@ -25,6 +33,7 @@ fn step_metric(s: &Server) -> (f64, f64) {
 
 #[test]
 fn a_sim_22b_group_serves_fim_and_its_step_time_matches_the_model() {
+    let _one = one_server();
     let s = Server::start(
         Path::new("synthetic:codestral-22b"),
         2,
@@ -141,4 +150,62 @@ fn a_shape_without_weights_needs_the_sim_and_the_sim_needs_a_gpu() {
         "1",
     ]);
     assert!(e.contains("cannot hold"), "{e}");
+}
+
+/// SIGTERM during a stream: `/ready` turns 503 at once, the server still accepts and
+/// answers (a router's next health read sees the 503), the stream in flight finishes
+/// with every token, and then the process exits.
+#[test]
+fn sigterm_turns_ready_to_503_finishes_the_stream_in_flight_then_exits() {
+    let _one = one_server();
+    let mut s = Server::start(
+        Path::new("synthetic:codestral-22b"),
+        2,
+        &["--worker-backend", "sim", "--gpu", "h100"],
+    );
+    let port = s.port;
+    // About 300 × 11 ms of modelled decode: still streaming when the signal comes.
+    let stream = std::thread::spawn(move || {
+        let body = json!({
+            "model": "codestral-latest", "prompt": "def f(x):", "suffix": "\n",
+            "max_tokens": 300, "min_tokens": 300, "stream": true,
+        });
+        common::http(
+            port,
+            "POST",
+            "/v1/fim/completions",
+            Some(&body.to_string()),
+            &[],
+        )
+        .unwrap()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    assert_eq!(
+        common::http(port, "GET", "/ready", None, &[]).unwrap().0,
+        200
+    );
+    std::process::Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (status, body) = common::http(port, "GET", "/ready", None, &[]).unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("draining"), "{body}");
+    assert!(
+        s.child.try_wait().unwrap().is_none(),
+        "exited with a stream in flight"
+    );
+    let (status, text) = stream.join().unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("data: [DONE]"), "{text}");
+    assert!(text.contains("\"completion_tokens\":300"), "{text}");
+    let t = std::time::Instant::now();
+    while s.child.try_wait().unwrap().is_none() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "still running 10 s after its last request finished"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

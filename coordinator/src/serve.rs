@@ -1,8 +1,10 @@
 //! `stral serve`: tokenizer + engine + worker group + HTTP server, with clean shutdown.
 //!
-//! On SIGINT/SIGTERM the listener stops accepting, in-flight responses get up to
-//! `shutdown_grace` to finish (streams included), then the engine and the local
-//! workers are stopped.
+//! On SIGINT/SIGTERM `/ready` turns 503 at once (load balancers and `stral route`
+//! stop sending here on their next health read) while the server keeps accepting and
+//! serving until no request is in flight; then the listener closes, open responses
+//! finish, and the engine and the local workers are stopped. All of it within
+//! `shutdown_grace` of the signal: past it, what is still in flight fails.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -142,6 +144,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     }
     let metrics = Arc::new(Metrics::default());
     let state = AppState::new(engine.clone(), tokenizer, config.http.clone(), metrics);
+    let drain_state = state.clone();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServeError::Listen {
@@ -159,11 +162,22 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     let (stopping, mut stopped) = tokio::sync::watch::channel(false);
     let served = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
         shutdown_signal().await;
+        drain_state
+            .draining
+            .store(true, std::sync::atomic::Ordering::Release);
+        let _ = stopping.send(true);
         tracing::info!(
             ?grace,
-            "shutdown requested: no new connections; finishing in-flight requests"
+            "shutdown requested: /ready is 503; serving until no request is in flight"
         );
-        let _ = stopping.send(true);
+        loop {
+            let s = drain_state.engine.stats();
+            if s.waiting + s.running == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!("no request in flight: no new connections; finishing open responses");
     });
     let deadline = async move {
         let _ = stopped.wait_for(|s| *s).await;

@@ -13,7 +13,7 @@ mod logprobs;
 pub mod schema;
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -78,6 +78,9 @@ pub struct AppState {
     pub tokenizer: Tokenizer,
     pub config: HttpConfig,
     pub metrics: Arc<Metrics>,
+    /// Set once shutdown was requested: `/ready` answers 503 so that load balancers and
+    /// `stral route` stop sending here while what is in flight finishes.
+    pub draining: AtomicBool,
     created: u64,
     next_id: AtomicU64,
 }
@@ -98,6 +101,7 @@ impl AppState {
             tokenizer,
             config,
             metrics,
+            draining: AtomicBool::new(false),
             created,
             next_id: AtomicU64::new(1),
         })
@@ -190,7 +194,11 @@ async fn health() -> Json<Value> {
 }
 
 async fn ready(State(state): State<Arc<AppState>>) -> Result<Json<Value>, AppError> {
-    if state.engine.is_ready() {
+    if state.draining.load(Ordering::Acquire) {
+        Err(AppError::Unavailable(
+            "draining: shutting down after the requests in flight".into(),
+        ))
+    } else if state.engine.is_ready() {
         Ok(Json(json!({"status": "ready"})))
     } else {
         Err(AppError::Unavailable("workers are not ready".into()))

@@ -3,11 +3,12 @@
 //! collective on loopback. A small "coordinator" below builds plans the way the
 //! engine loop does (chunked prefill, block-table diffs, freeing, preemption).
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use proto::v1::collective_bootstrap::Kind;
 use proto::v1::worker_client::WorkerClient;
 use proto::v1::{
@@ -16,7 +17,7 @@ use proto::v1::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint, Server, Uri};
+use tonic::transport::Channel;
 use tonic::Streaming;
 use worker::checkpoint::Checkpoint;
 use worker::local::LocalTpGroup;
@@ -77,29 +78,6 @@ fn test_config() -> WorkerConfig {
         collective_op_timeout: Duration::from_secs(20),
         ..Default::default()
     }
-}
-
-/// A client of `svc` over an in-memory duplex transport.
-async fn connect(svc: WorkerService) -> WorkerClient<Channel> {
-    let (client_io, server_io) = tokio::io::duplex(1 << 20);
-    tokio::spawn(
-        Server::builder()
-            .add_service(svc.into_server())
-            .serve_with_incoming(tokio_stream::once(Ok::<_, std::io::Error>(server_io))),
-    );
-    let mut client_io = Some(client_io);
-    let channel = Endpoint::try_from("http://in-memory.invalid")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let io = client_io.take();
-            async move {
-                io.map(TokioIo::new)
-                    .ok_or_else(|| std::io::Error::other("the duplex is already connected"))
-            }
-        }))
-        .await
-        .unwrap();
-    WorkerClient::new(channel)
 }
 
 /// Loopback addresses that were free a moment ago.
@@ -346,7 +324,7 @@ fn greedy() -> SamplingParams {
 async fn greedy_generation_over_grpc_equals_the_in_process_reference() {
     let tmp = tempfile::tempdir().unwrap();
     let model = synth(tmp.path());
-    let mut clients = vec![connect(WorkerService::new(test_config())).await];
+    let mut clients = vec![common::connect(WorkerService::new(test_config())).await];
     init_group(&clients, &model, 1).await;
     let mut group = Group::open(&mut clients).await;
     let mut free = free_list();
@@ -378,8 +356,8 @@ async fn two_ranks_over_the_tcp_collective_give_the_single_rank_tokens() {
     let tmp = tempfile::tempdir().unwrap();
     let model = synth(tmp.path());
     let mut clients = vec![
-        connect(WorkerService::new(test_config())).await,
-        connect(WorkerService::new(test_config())).await,
+        common::connect(WorkerService::new(test_config())).await,
+        common::connect(WorkerService::new(test_config())).await,
     ];
     init_group(&clients, &model, 2).await;
     let mut group = Group::open(&mut clients).await;
@@ -398,7 +376,7 @@ async fn two_ranks_over_the_tcp_collective_give_the_single_rank_tokens() {
 async fn bad_plans_answer_errors_change_nothing_and_the_worker_keeps_serving() {
     let tmp = tempfile::tempdir().unwrap();
     let model = synth(tmp.path());
-    let mut clients = vec![connect(WorkerService::new(test_config())).await];
+    let mut clients = vec![common::connect(WorkerService::new(test_config())).await];
     let mut group = Group::open(&mut clients).await;
     let early = group
         .run(StepPlan {
@@ -589,7 +567,7 @@ async fn bad_plans_answer_errors_change_nothing_and_the_worker_keeps_serving() {
 async fn seeded_sampling_is_reproducible_reports_logprobs_and_survives_preemption() {
     let tmp = tempfile::tempdir().unwrap();
     let model = synth(tmp.path());
-    let mut clients = vec![connect(WorkerService::new(test_config())).await];
+    let mut clients = vec![common::connect(WorkerService::new(test_config())).await];
     init_group(&clients, &model, 4).await;
     let mut group = Group::open(&mut clients).await;
     let mut free = free_list();
@@ -647,7 +625,7 @@ async fn seeded_sampling_is_reproducible_reports_logprobs_and_survives_preemptio
 async fn bad_init_requests_are_refused_and_the_worker_stays_usable() {
     let tmp = tempfile::tempdir().unwrap();
     let model = synth(tmp.path());
-    let mut c = connect(WorkerService::new(test_config())).await;
+    let mut c = common::connect(WorkerService::new(test_config())).await;
     let good = init_request(&model, 1, 0, &[], 0);
     let cases: Vec<(InitRequest, &str)> = vec![
         (
@@ -776,8 +754,8 @@ async fn a_dead_peer_breaks_the_group_until_it_is_initialized_again() {
     let tmp = tempfile::tempdir().unwrap();
     let model = synth(tmp.path());
     let mut clients = vec![
-        connect(WorkerService::new(test_config())).await,
-        connect(WorkerService::new(test_config())).await,
+        common::connect(WorkerService::new(test_config())).await,
+        common::connect(WorkerService::new(test_config())).await,
     ];
     init_group(&clients, &model, 5).await;
     let mut group = Group::open(&mut clients).await;
@@ -871,7 +849,7 @@ fn fresh_seq(id: u64, n: usize, first: u32, blocks: u32) -> ScheduledSeq {
 async fn steps_are_bounded_by_the_sizes_init_set_and_the_worker_keeps_serving() {
     let tmp = tempfile::tempdir().unwrap();
     let model = synth(tmp.path());
-    let mut clients = vec![connect(WorkerService::new(test_config())).await];
+    let mut clients = vec![common::connect(WorkerService::new(test_config())).await];
     // Device "null" runs the same checks as "cpu" without the math, so a step of
     // 12000 tokens costs nothing but the plan.
     let big = InitRequest {

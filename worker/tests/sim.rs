@@ -3,41 +3,23 @@
 //! CPU backend does, answers plausible tokens on rank 0 only, lasts at least the
 //! modelled step time, and labels its times as modelled.
 
+mod common;
+
 use std::time::Instant;
 
-use hyper_util::rt::TokioIo;
 use proto::v1::worker_client::WorkerClient;
 use proto::v1::{
     HealthRequest, InitReply, InitRequest, SamplingParams, ScheduledSeq, StepPlan, StepResult,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint, Server, Uri};
+use tonic::transport::Channel;
 use worker::service::{WorkerConfig, WorkerService};
 use worker::sim::{GpuKind, SeqWork, StepTimeModel};
 use worker::ModelConfig;
 
 async fn connect() -> WorkerClient<Channel> {
-    let svc = WorkerService::new(WorkerConfig::default());
-    let (client_io, server_io) = tokio::io::duplex(1 << 20);
-    tokio::spawn(
-        Server::builder()
-            .add_service(svc.into_server())
-            .serve_with_incoming(tokio_stream::once(Ok::<_, std::io::Error>(server_io))),
-    );
-    let mut client_io = Some(client_io);
-    let channel = Endpoint::try_from("http://in-memory.invalid")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let io = client_io.take();
-            async move {
-                io.map(TokioIo::new)
-                    .ok_or_else(|| std::io::Error::other("the duplex is already connected"))
-            }
-        }))
-        .await
-        .unwrap();
-    WorkerClient::new(channel)
+    common::connect(WorkerService::new(WorkerConfig::default())).await
 }
 
 fn sim_init(model: &str, device: &str, tp: u32, rank: u32) -> InitRequest {

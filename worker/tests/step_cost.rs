@@ -12,14 +12,15 @@
 //! profile); every attempt's numbers are printed. Seen here: median errors of
 //! 14–27 % on most attempts, one of 68 % while a build beside it changed phase.
 
+mod common;
+
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use proto::v1::worker_client::WorkerClient;
 use proto::v1::{InitRequest, SamplingParams, ScheduledSeq, StepCostModel, StepPlan, StepResult};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint, Server, Uri};
+use tonic::transport::Channel;
 use tonic::Streaming;
 use worker::embedded::ensure_embedded_model;
 use worker::profile::median;
@@ -30,28 +31,6 @@ const REPS: usize = 5;
 /// Attempts (each a fresh Init, so a fresh profile) before the test fails: another
 /// process's load can change between the profile and the steps that follow it.
 const ATTEMPTS: usize = 3;
-
-async fn connect(svc: WorkerService) -> WorkerClient<Channel> {
-    let (client_io, server_io) = tokio::io::duplex(1 << 20);
-    tokio::spawn(
-        Server::builder()
-            .add_service(svc.into_server())
-            .serve_with_incoming(tokio_stream::once(Ok::<_, std::io::Error>(server_io))),
-    );
-    let mut client_io = Some(client_io);
-    let channel = Endpoint::try_from("http://in-memory.invalid")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let io = client_io.take();
-            async move {
-                io.map(TokioIo::new)
-                    .ok_or_else(|| std::io::Error::other("the duplex is already connected"))
-            }
-        }))
-        .await
-        .unwrap();
-    WorkerClient::new(channel)
-}
 
 /// One worker's step stream.
 struct Steps {
@@ -146,7 +125,7 @@ fn predict(m: &StepCostModel, seqs: &[ScheduledSeq]) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cpu_workers_reported_step_cost_predicts_its_own_steps() {
     let model = ensure_embedded_model().unwrap();
-    let mut client = connect(WorkerService::new(WorkerConfig::default())).await;
+    let mut client = common::connect(WorkerService::new(WorkerConfig::default())).await;
     let mut failures = Vec::new();
     for attempt in 1..=ATTEMPTS {
         match predict_own_steps(&mut client, &model).await {

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use crate::collective::Collective;
 use crate::model::{CpuModel, SeqChunk, StepInput};
-use crate::sim::SeqWork;
+use crate::sim::step_time::SeqWork;
 use crate::WorkerError;
 
 /// One checked step as a backend sees it: the scheduled chunks in plan order, and

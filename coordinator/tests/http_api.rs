@@ -495,8 +495,15 @@ async fn metrics_report_requests_tokens_latencies_and_kv_usage() {
         measured <= wall + 1e-6 * steps,
         "engine + worker {measured} s > step wall time {wall} s"
     );
+    // A step's wall time ends after the engine's bookkeeping that follows the
+    // delivery of its tokens, so the last step may outlast the request by at most that
+    // share (part of the engine's measured time; 61 µs once in CI on 2 busy cores).
     let e2e = value("stral_e2e_request_latency_seconds_sum");
-    assert!(wall <= e2e, "steps took {wall} s within a {e2e} s request");
+    let engine = value("stral_step_engine_seconds_sum");
+    assert!(
+        wall <= e2e + engine,
+        "steps took {wall} s within a {e2e} s request (engine share {engine} s)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -184,13 +184,15 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         seed: a.seed,
         ..PlanConfig::default()
     };
-    if a.verify
-        && !(a.verify_seconds > 0.0
-            && a.verify_seconds.is_finite()
-            && !a.verify_loads.is_empty()
-            && a.verify_loads.iter().all(|f| *f > 0.0 && f.is_finite()))
-    {
-        anyhow::bail!("--verify-seconds and every --verify-loads level must be positive");
+    let v = plan::verify::VerifyConfig {
+        fractions: a.verify_loads.clone(),
+        seconds: a.verify_seconds,
+        seed: a.seed,
+        progress: true,
+        ..Default::default()
+    };
+    if a.verify {
+        v.validate()?;
     }
     let mut cfg = cfg;
     if let Some(path) = &a.from_bench {
@@ -224,13 +226,6 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
                 report.gpu
             );
         }
-        let v = plan::verify::VerifyConfig {
-            fractions: a.verify_loads.clone(),
-            seconds: a.verify_seconds,
-            seed: a.seed,
-            progress: true,
-            ..Default::default()
-        };
         report.verify = Some(crate::plan_verify::verify_all(
             &cfg, &a.model, &to_check, &v,
         )?);

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn plan(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_stral"))
+    let out = Command::new(common::stral())
         .arg("plan")
         .args([
             "--model",
@@ -34,7 +34,7 @@ fn plan(args: &[&str]) -> (bool, String, String) {
 }
 
 fn out_dir(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let dir = common::tmpdir().join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -94,10 +94,7 @@ fn given_flags_are_not_noted_and_the_plot_format_follows_the_extension() {
 }
 
 fn stral_json(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_stral"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = Command::new(common::stral()).args(args).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -172,7 +169,7 @@ fn from_bench_takes_rate_lengths_and_hit_rate_from_a_real_bench_report() {
         &["--worker-backend", "sim", "--gpu", "h100"],
     );
     let json = dir.join("r.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_stral"))
+    let out = Command::new(common::stral())
         .args([
             "bench",
             "--url",

@@ -42,6 +42,24 @@ pub struct VerifyConfig {
     pub progress: bool,
 }
 
+impl VerifyConfig {
+    /// Rejects settings no run can use (checked before planning, so a typo costs no
+    /// simulation, and again by [`verify`]).
+    pub fn validate(&self) -> Result<(), PlanError> {
+        let positive = |x: f64| x > 0.0 && x.is_finite();
+        if positive(self.seconds)
+            && !self.fractions.is_empty()
+            && self.fractions.iter().all(|&f| positive(f))
+        {
+            Ok(())
+        } else {
+            Err(PlanError::Input(
+                "--verify-seconds and every --verify-loads level must be positive".into(),
+            ))
+        }
+    }
+}
+
 impl Default for VerifyConfig {
     fn default() -> Self {
         Self {
@@ -124,11 +142,7 @@ pub async fn verify(
             cand.tp
         )));
     }
-    if !(v.seconds > 0.0 && v.seconds.is_finite()) || v.fractions.is_empty() {
-        return Err(PlanError::Input(
-            "--verify-seconds must be positive and at least one level given".into(),
-        ));
-    }
+    v.validate()?;
     let w = &cfg.workload;
     let mut rows = Vec::new();
     for (level, &fraction) in v.fractions.iter().enumerate() {

@@ -253,6 +253,36 @@ pub fn reshape_and_cache(
     }
 }
 
+/// The fused form of [`rope`] then [`reshape_and_cache`] over one QKV projection:
+/// `qkv [n, (n_heads + 2·n_kv_heads)·head_dim]` holds each token's q | k | v rows;
+/// rotated q goes to the returned `[n, n_heads·head_dim]`, rotated k and v into the
+/// caches at `slot_mapping`. Defined as exactly those two ops on the split rows.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_qkv_cache(
+    qkv: &[f32],
+    positions: &[u32],
+    k_cache: &mut [f32],
+    v_cache: &mut [f32],
+    slot_mapping: &[u32],
+    n_heads: usize,
+    layout: KvLayout,
+    theta: f32,
+) -> Vec<f32> {
+    let (n, d, kvh) = (positions.len(), layout.head_dim, layout.n_kv_heads);
+    let (qd, kvd) = (n_heads * d, kvh * d);
+    assert_eq!(qkv.len(), n * (qd + 2 * kvd), "rope_qkv_cache: qkv");
+    assert_eq!(slot_mapping.len(), n, "rope_qkv_cache: slot_mapping");
+    let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+    for row in qkv.chunks_exact(qd + 2 * kvd) {
+        q.extend_from_slice(&row[..qd]);
+        k.extend_from_slice(&row[qd..qd + kvd]);
+        v.extend_from_slice(&row[qd + kvd..]);
+    }
+    rope(&mut q, &mut k, positions, n_heads, kvh, d, theta);
+    reshape_and_cache(&k, &v, k_cache, v_cache, slot_mapping, layout);
+    q
+}
+
 /// Per-step attention metadata, computed once on the host and used by every layer.
 ///
 /// Sequence `s` owns query rows `q_indptr[s]..q_indptr[s+1]` of the batch; after this

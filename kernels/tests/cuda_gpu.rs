@@ -210,6 +210,82 @@ fn reshape_and_cache_writes_exactly_the_mapped_slots() {
     }
 }
 
+/// The fused RoPE + KV write over one QKV row equals `rope` then `reshape_and_cache`
+/// on the split rows bit for bit (same math, one rounding), and the reference to an ulp.
+#[test]
+#[ignore = "needs a GPU: STRAL_GPU=1"]
+fn rope_qkv_cache_equals_rope_then_reshape_and_cache_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(4);
+    for &(nh, nkv, d, theta) in &[(48, 8, 128, 1e6f32), (8, 2, 64, 1e4)] {
+        for &n in &[1usize, 5, 257] {
+            let layout = KvLayout {
+                num_blocks: 40,
+                n_kv_heads: nkv,
+                block_size: 16,
+                head_dim: d,
+            };
+            let mut slots: Vec<u32> = (0..(40 * 16)).collect();
+            rng.shuffle(&mut slots);
+            slots.truncate(n);
+            let pos: Vec<u32> = (0..n).map(|_| rng.below(32768)).collect();
+            let (qkv, qkvb) = rng.bf16s(n * (nh + 2 * nkv) * d, 1.0);
+            let (qd, kvd) = (nh * d, nkv * d);
+            let split = |from: usize, len: usize| -> Vec<bf16> {
+                qkvb.chunks_exact(qd + 2 * kvd)
+                    .flat_map(|r| r[from..from + len].to_vec())
+                    .collect()
+            };
+            let (pos_d, slots_d) = (up(g, &pos), up(g, &slots));
+            let zeros = |len| g.stream().alloc_zeros::<bf16>(len).unwrap();
+            // Fused.
+            let (mut q_f, mut kc_f, mut vc_f) =
+                (zeros(n * qd), zeros(layout.len()), zeros(layout.len()));
+            g.rope_qkv_cache(
+                &up(g, &qkvb),
+                &mut q_f,
+                &mut kc_f,
+                &mut vc_f,
+                &pos_d,
+                &slots_d,
+                nh,
+                layout,
+                theta,
+            )
+            .unwrap();
+            // Unfused.
+            let (mut q_u, mut k_u, v_u) = (
+                up(g, &split(0, qd)),
+                up(g, &split(qd, kvd)),
+                up(g, &split(qd + kvd, kvd)),
+            );
+            let (mut kc_u, mut vc_u) = (zeros(layout.len()), zeros(layout.len()));
+            g.rope(&mut q_u, &mut k_u, &pos_d, nh, nkv, d, theta)
+                .unwrap();
+            g.reshape_and_cache(&k_u, &v_u, &mut kc_u, &mut vc_u, &slots_d, layout)
+                .unwrap();
+            assert_eq!(down_bf16(g, &q_f), down_bf16(g, &q_u), "q (n {n}, d {d})");
+            assert_eq!(
+                down_bf16(g, &kc_f),
+                down_bf16(g, &kc_u),
+                "k cache (n {n}, d {d})"
+            );
+            assert_eq!(
+                down_bf16(g, &vc_f),
+                down_bf16(g, &vc_u),
+                "v cache (n {n}, d {d})"
+            );
+            // And the reference, to an ulp.
+            let (mut kr, mut vr) = (vec![0f32; layout.len()], vec![0f32; layout.len()]);
+            let q_r =
+                reference::rope_qkv_cache(&qkv, &pos, &mut kr, &mut vr, &slots, nh, layout, theta);
+            assert_ulp("rope_qkv_cache q", &down_bf16(g, &q_f), &q_r, 1e-5);
+            assert_ulp("rope_qkv_cache k", &down_bf16(g, &kc_f), &kr, 1e-5);
+            assert_eq!(down_bf16(g, &vc_f), vr, "v is copied unchanged");
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a GPU: STRAL_GPU=1"]
 fn swiglu_matches_reference() {

@@ -20,11 +20,12 @@ use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
 use crate::KernelError;
 
 /// The sources, in program order (`common.cuh` first: every file uses it).
-pub const SOURCES: [(&str, &str); 8] = [
+pub const SOURCES: [(&str, &str); 9] = [
     ("common.cuh", include_str!("../../cuda/common.cuh")),
     ("norm.cu", include_str!("../../cuda/norm.cu")),
     ("rope.cu", include_str!("../../cuda/rope.cu")),
     ("kv_cache.cu", include_str!("../../cuda/kv_cache.cu")),
+    ("rope_cache.cu", include_str!("../../cuda/rope_cache.cu")),
     ("activation.cu", include_str!("../../cuda/activation.cu")),
     ("embedding.cu", include_str!("../../cuda/embedding.cu")),
     ("sampling.cu", include_str!("../../cuda/sampling.cu")),
@@ -38,6 +39,7 @@ pub enum Kernel {
     FusedAddRmsNorm,
     Rope,
     ReshapeAndCache,
+    RopeQkvCache,
     SwiGlu,
     Embedding,
     ArgmaxRows,
@@ -52,11 +54,12 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 15] = [
+    pub const ALL: [Kernel; 16] = [
         Kernel::RmsNorm,
         Kernel::FusedAddRmsNorm,
         Kernel::Rope,
         Kernel::ReshapeAndCache,
+        Kernel::RopeQkvCache,
         Kernel::SwiGlu,
         Kernel::Embedding,
         Kernel::ArgmaxRows,
@@ -77,6 +80,7 @@ impl Kernel {
             Kernel::FusedAddRmsNorm => "fused_add_rms_norm_bf16",
             Kernel::Rope => "rope_bf16",
             Kernel::ReshapeAndCache => "reshape_and_cache_bf16",
+            Kernel::RopeQkvCache => "rope_qkv_cache_bf16",
             Kernel::SwiGlu => "swiglu_bf16",
             Kernel::Embedding => "embedding_bf16",
             Kernel::ArgmaxRows => "argmax_rows_f32",

@@ -19,7 +19,7 @@ use crate::KernelError;
 /// Threads per block of each kernel; must match the `*_THREADS` defines in the sources.
 const NORM_THREADS: u32 = 256;
 const ROPE_THREADS: u32 = 256;
-const ROPE_TOKENS: usize = 4;
+const ROPE_TOKENS: usize = 4; // also ROPE_CACHE_THREADS / ROPE_CACHE_TOKENS (rope_cache.cu)
 const CACHE_THREADS: u32 = 128;
 const ELEMENTWISE_THREADS: u32 = 256;
 const EMBED_THREADS: u32 = 256;
@@ -264,6 +264,82 @@ impl CudaKernels {
         // the caches `layout.len()` elements (checked); slots inside the cache are the
         // caller's contract. One block per token.
         unsafe { launch.launch(grid(n, CACHE_THREADS)) }?;
+        Ok(())
+    }
+
+    /// RoPE and the KV write fused over one QKV projection (see
+    /// [`crate::reference::rope_qkv_cache`]): `qkv [n, (n_heads + 2·n_kv_heads)·d]` in,
+    /// rotated q to `q_out [n, n_heads·d]`, rotated k and v into the paged caches at
+    /// `slot_mapping [n]`. Bit-identical to [`CudaKernels::rope`] then
+    /// [`CudaKernels::reshape_and_cache`] on the split rows. Slots inside the cache are
+    /// the caller's contract.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_qkv_cache(
+        &self,
+        qkv: &impl DevicePtr<bf16>,
+        q_out: &mut impl DevicePtrMut<bf16>,
+        k_cache: &mut impl DevicePtrMut<bf16>,
+        v_cache: &mut impl DevicePtrMut<bf16>,
+        positions: &impl DevicePtr<u32>,
+        slot_mapping: &impl DevicePtr<u32>,
+        n_heads: usize,
+        layout: KvLayout,
+        theta: f32,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "rope_qkv_cache";
+        let d = layout.head_dim;
+        expect_multiple(OP, "head_dim", d, 16)?;
+        if d > 512 {
+            return Err(shape_err(OP, format!("head_dim {d} > 512")));
+        }
+        if !layout.block_size.is_power_of_two() {
+            return Err(shape_err(
+                OP,
+                format!("block_size {} is not a power of two", layout.block_size),
+            ));
+        }
+        let n = positions.len();
+        let kvh = layout.n_kv_heads;
+        expect_len(OP, "slot_mapping", slot_mapping.len(), n)?;
+        expect_len(OP, "qkv", qkv.len(), n * (n_heads + 2 * kvh) * d)?;
+        expect_len(OP, "q_out", q_out.len(), n * n_heads * d)?;
+        expect_len(OP, "k_cache", k_cache.len(), layout.len())?;
+        expect_len(OP, "v_cache", v_cache.len(), layout.len())?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (xp, qp, kcp, vcp, pp, sp) = (
+            self.ptr(qkv),
+            self.ptr_mut(q_out),
+            self.ptr_mut(k_cache),
+            self.ptr_mut(v_cache),
+            self.ptr(positions),
+            self.ptr(slot_mapping),
+        );
+        Self::aligned(OP, &[xp, qp, kcp, vcp])?;
+        let (n32, nh, nkv, d32) = (n as u32, n_heads as u32, kvh as u32, d as u32);
+        let shift = layout.block_size.trailing_zeros();
+        let mut launch = self
+            .stream
+            .launch_builder(self.function(Kernel::RopeQkvCache));
+        launch
+            .arg(&xp)
+            .arg(&qp)
+            .arg(&kcp)
+            .arg(&vcp)
+            .arg(&pp)
+            .arg(&sp)
+            .arg(&n32)
+            .arg(&nh)
+            .arg(&nkv)
+            .arg(&d32)
+            .arg(&shift)
+            .arg(&theta);
+        // SAFETY: argument types match `rope_qkv_cache_bf16`; qkv, q_out, positions and
+        // slots hold the n rows checked above, the caches `layout.len()` elements;
+        // head_dim ≤ 512 fits its shared tables; one block per ROPE_TOKENS tokens, the
+        // last one bounded by n.
+        unsafe { launch.launch(grid(n.div_ceil(ROPE_TOKENS), ROPE_THREADS)) }?;
         Ok(())
     }
 

@@ -126,6 +126,8 @@ pub fn load(
         block_size: bs,
         memory_utilization: dev.memory_utilization,
         max_kv_blocks: req.max_kv_blocks.map(u64::from),
+        // A measurement switch until a GPU run has timed both paths (worker/README.md).
+        fused_qkv: std::env::var("STRAL_CUDA_FUSED_QKV").is_ok_and(|v| v == "1"),
     };
     let shard = ShardSpec { tp, rank };
     let t0 = Instant::now();

@@ -14,12 +14,17 @@
 //! `memory_utilization` of the total, minus everything in use at that peak, to the
 //! KV cache ([`super::kv_blocks_for`]).
 //!
-//! The fused QKV weight is one allocation but is applied as three GEMMs over its row
-//! ranges, because RoPE and the KV write take contiguous q and k; gate|up is one GEMM.
+//! The fused QKV weight is one allocation. By default it is applied as three GEMMs
+//! over its row ranges (q, k, v into their own buffers), then `rope` and the KV
+//! write; with [`CudaModelConfig::fused_qkv`] it is ONE GEMM into a `[n, q|k|v]`
+//! buffer and one `rope_qkv_cache` kernel (RoPE and the KV write fused, bit-identical
+//! to the two kernels on the same rows). The switch exists so one GPU run measures
+//! both (`cuda_step_bench`); the default stays the path the GPU tests first check.
+//! gate|up is one GEMM.
 //! Per step: upload ids/positions/slots/logit rows, plan attention once, then per
-//! layer 5 GEMMs, rope, KV write, attention, 2 fused add-norms, swiglu and (TP > 1)
-//! two all-reduces; the logit rows are gathered with the embedding kernel (a row
-//! gather), projected to f32 logits, and gathered to rank 0 on the host.
+//! layer 5 (fused: 3) GEMMs, rope, KV write, attention, 2 fused add-norms, swiglu and
+//! (TP > 1) two all-reduces; the logit rows are gathered with the embedding kernel (a
+//! row gather), projected to f32 logits, and gathered to rank 0 on the host.
 
 use std::time::Instant;
 
@@ -50,6 +55,10 @@ pub struct CudaModelConfig {
     pub memory_utilization: f64,
     /// Cap on KV blocks (e.g. for tests).
     pub max_kv_blocks: Option<u64>,
+    /// One QKV GEMM and the fused RoPE + KV-write kernel instead of three GEMMs,
+    /// `rope` and `reshape_and_cache` (default off; `STRAL_CUDA_FUSED_QKV=1` in a
+    /// worker; [`CudaModel::set_fused_qkv`] switches a loaded model).
+    pub fused_qkv: bool,
 }
 
 impl Default for CudaModelConfig {
@@ -60,6 +69,7 @@ impl Default for CudaModelConfig {
             block_size: 16,
             memory_utilization: super::DEFAULT_MEMORY_UTILIZATION,
             max_kv_blocks: None,
+            fused_qkv: false,
         }
     }
 }
@@ -113,6 +123,8 @@ struct Scratch {
     q: CudaSlice<bf16>,
     k: CudaSlice<bf16>,
     v: CudaSlice<bf16>,
+    /// `[n, q|k|v]`, the one QKV GEMM's output (fused path).
+    qkv: CudaSlice<bf16>,
     attn: CudaSlice<bf16>,
     proj: CudaSlice<bf16>,
     gate_up: CudaSlice<bf16>,
@@ -413,6 +425,13 @@ impl CudaModel {
         &self.kernels
     }
 
+    /// Switches between one QKV GEMM + the fused RoPE/KV-write kernel (`true`) and
+    /// three GEMMs + `rope` + `reshape_and_cache` (`false`); both use the same weights
+    /// and buffers, so a benchmark can time both on one loaded model.
+    pub fn set_fused_qkv(&mut self, on: bool) {
+        self.sizing.fused_qkv = on;
+    }
+
     /// GEMM shapes planned so far (each got its algorithm once).
     pub fn planned_gemm_shapes(&self) -> usize {
         self.gemm.planned_shapes()
@@ -470,6 +489,7 @@ impl CudaModel {
             l: self.local,
             layout: self.layout,
             n: step.tokens.len(),
+            fused_qkv: self.sizing.fused_qkv,
         };
         pass.upload(step)?;
         let plan = pass
@@ -509,6 +529,8 @@ struct Pass<'a> {
     layout: KvLayout,
     /// Tokens in the step.
     n: usize,
+    /// One QKV GEMM + `rope_qkv_cache` ([`CudaModelConfig::fused_qkv`]).
+    fused_qkv: bool,
 }
 
 impl Pass<'_> {
@@ -583,34 +605,87 @@ impl Pass<'_> {
         plan: &AttnPlan,
         coll: &mut DeviceCollective,
     ) -> Result<(), WorkerError> {
+        if self.fused_qkv {
+            self.qkv_fused(lw, kc, vc)?;
+        } else {
+            self.qkv_unfused(lw, kc, vc)?;
+        }
+        let (n, (dim, qd, _), k, s) = (self.n, self.dims(), self.k, &mut *self.s);
+        k.paged_attention(
+            &s.q.slice(0..n * qd),
+            kc,
+            vc,
+            plan,
+            &mut s.attn.slice_mut(0..n * qd),
+        )
+        .map_err(kernel_err("forward"))?;
+        self.gemm.linear(
+            &s.attn.slice(0..n * qd),
+            &lw.wo,
+            n,
+            qd,
+            dim,
+            &mut s.proj.slice_mut(0..n * dim),
+        )?;
+        self.reduce_add_norm(&lw.ffn_norm, coll)
+    }
+
+    /// One GEMM into `[n, q|k|v]`, then `rope_qkv_cache`: rotated q into `q`, rotated k
+    /// and v into the caches.
+    fn qkv_fused(
+        &mut self,
+        lw: &DeviceLayer,
+        kc: &mut CudaSlice<bf16>,
+        vc: &mut CudaSlice<bf16>,
+    ) -> Result<(), WorkerError> {
+        let (n, (dim, qd, kvd), s) = (self.n, self.dims(), &mut *self.s);
+        let row = qd + 2 * kvd;
+        self.gemm.linear(
+            &s.normed.slice(0..n * dim),
+            &lw.wqkv,
+            n,
+            dim,
+            row,
+            &mut s.qkv.slice_mut(0..n * row),
+        )?;
+        self.k
+            .rope_qkv_cache(
+                &s.qkv.slice(0..n * row),
+                &mut s.q.slice_mut(0..n * qd),
+                kc,
+                vc,
+                &s.positions.slice(0..n),
+                &s.slots.slice(0..n),
+                self.l.heads,
+                self.layout,
+                self.cfg.rope_theta,
+            )
+            .map_err(kernel_err("forward"))
+    }
+
+    /// Three GEMMs over the fused weight's row ranges into `q`, `k`, `v`; `rope`; the
+    /// KV write.
+    fn qkv_unfused(
+        &mut self,
+        lw: &DeviceLayer,
+        kc: &mut CudaSlice<bf16>,
+        vc: &mut CudaSlice<bf16>,
+    ) -> Result<(), WorkerError> {
         let (n, (dim, qd, kvd), l) = (self.n, self.dims(), self.l);
         let (k, s, gemm) = (self.k, &mut *self.s, &mut *self.gemm);
         let ke = kernel_err("forward");
         let normed = s.normed.slice(0..n * dim);
-        gemm.linear(
-            &normed,
-            &lw.wqkv.slice(0..qd * dim),
-            n,
-            dim,
-            qd,
-            &mut s.q.slice_mut(0..n * qd),
-        )?;
-        gemm.linear(
-            &normed,
-            &lw.wqkv.slice(qd * dim..(qd + kvd) * dim),
-            n,
-            dim,
-            kvd,
-            &mut s.k.slice_mut(0..n * kvd),
-        )?;
-        gemm.linear(
-            &normed,
-            &lw.wqkv.slice((qd + kvd) * dim..),
-            n,
-            dim,
-            kvd,
-            &mut s.v.slice_mut(0..n * kvd),
-        )?;
+        let ranges = [(0, qd), (qd, kvd), (qd + kvd, kvd)];
+        for ((from, rows), out) in ranges.into_iter().zip([&mut s.q, &mut s.k, &mut s.v]) {
+            gemm.linear(
+                &normed,
+                &lw.wqkv.slice(from * dim..(from + rows) * dim),
+                n,
+                dim,
+                rows,
+                &mut out.slice_mut(0..n * rows),
+            )?;
+        }
         drop(normed);
         k.rope(
             &mut s.q.slice_mut(0..n * qd),
@@ -630,24 +705,7 @@ impl Pass<'_> {
             &s.slots.slice(0..n),
             self.layout,
         )
-        .map_err(&ke)?;
-        k.paged_attention(
-            &s.q.slice(0..n * qd),
-            kc,
-            vc,
-            plan,
-            &mut s.attn.slice_mut(0..n * qd),
-        )
-        .map_err(&ke)?;
-        gemm.linear(
-            &s.attn.slice(0..n * qd),
-            &lw.wo,
-            n,
-            qd,
-            dim,
-            &mut s.proj.slice_mut(0..n * dim),
-        )?;
-        self.reduce_add_norm(&lw.ffn_norm, coll)
+        .map_err(&ke)
     }
 
     /// gate|up, SwiGLU, `w2` and its all-reduce; then `residual += proj` and
@@ -759,6 +817,7 @@ fn alloc_scratch(
         q: a(n * qd)?,
         k: a(n * kvd)?,
         v: a(n * kvd)?,
+        qkv: a(n * (qd + 2 * kvd))?,
         attn: a(n * qd)?,
         proj: a(n * cfg.dim)?,
         gate_up: a(n * 2 * l.ffn)?,

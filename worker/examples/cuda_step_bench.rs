@@ -68,8 +68,8 @@ fn main() {
         model_name = model_label(&model)
     );
     println!("copy bandwidth {copy_gbs:.0} GB/s → weights-read roofline {roofline_ms:.2} ms; cuBLASLt bf16 GEMM {m}×{n}×{kk}: {gemm_tflops:.0} TFLOP/s; KV capacity {} tokens\n", model.kv_tokens());
-    println!("QKV: `3 GEMMs` = three GEMMs + rope + KV write (the default); `fused` = one QKV GEMM + rope_qkv_cache (`STRAL_CUDA_FUSED_QKV=1`), same model, timed alternately.\n");
-    println!("| step | batch | context | ms/step (3 GEMMs) | × roofline | ms/step (fused) | fused ÷ 3 GEMMs |\n|---|---|---|---|---|---|---|");
+    println!("`default` = three QKV GEMMs + rope + KV write, attention buffers allocated per step; `fused` = one QKV GEMM + rope_qkv_cache (`STRAL_CUDA_FUSED_QKV=1`); `+reuse` = fused and attention buffers reused across steps (`STRAL_CUDA_REUSE_ATTN=1`). Same loaded model, timed alternately, best of 2.\n");
+    println!("| step | batch | context | ms/step (default) | × roofline | ms (fused) | ms (fused+reuse) | × roofline |\n|---|---|---|---|---|---|---|---|");
     for ctx in [1024usize, 8192] {
         for batch in [1usize, 8, 32, 64, 128, 256] {
             let blocks = ctx.div_ceil(BS) + 1;
@@ -91,15 +91,15 @@ fn main() {
                 })
                 .collect();
             let step = StepInput::build(BS, cfg.sliding_window, &chunks);
-            let (ms, fused) = time_both(&mut model, &mut coll, &step, 5);
+            let [ms, fused, reuse] = time_variants(&mut model, &mut coll, &step, 5);
             println!(
-                "| decode | {batch} | {ctx} | {ms:.2} | {:.2} | {fused:.2} | {:.3} |",
+                "| decode | {batch} | {ctx} | {ms:.2} | {:.2} | {fused:.2} | {reuse:.2} | {:.2} |",
                 ms / roofline_ms,
-                fused / ms
+                reuse / roofline_ms
             );
         }
     }
-    println!("\n| step | prompt | tokens/s (3 GEMMs) | % of GEMM rate | tokens/s (fused) | % of GEMM rate |\n|---|---|---|---|---|---|");
+    println!("\n| step | prompt | tokens/s (default) | % of GEMM rate | tokens/s (fused) | tokens/s (fused+reuse) | % of GEMM rate |\n|---|---|---|---|---|---|---|");
     for prompt in [2048usize, 8192] {
         let table: Vec<u32> = (0..prompt.div_ceil(BS) as u32).collect();
         let toks = vec![1u32; prompt];
@@ -110,13 +110,13 @@ fn main() {
             sample: true,
         }];
         let step = StepInput::build(BS, cfg.sliding_window, &chunks);
-        let (ms, fused) = time_both(&mut model, &mut coll, &step, 3);
-        let (tps, tps_fused) = (prompt as f64 / (ms / 1e3), prompt as f64 / (fused / 1e3));
+        let ms = time_variants(&mut model, &mut coll, &step, 3);
+        let [tps, fused, reuse] = ms.map(|m| prompt as f64 / (m / 1e3));
         let ideal = gemm_tflops * 1e12 / (2.0 * cfg.n_params() as f64);
         println!(
-            "| prefill | {prompt} | {tps:.0} | {:.0} % | {tps_fused:.0} | {:.0} % |",
+            "| prefill | {prompt} | {tps:.0} | {:.0} % | {fused:.0} | {reuse:.0} | {:.0} % |",
             100.0 * tps / ideal,
-            100.0 * tps_fused / ideal
+            100.0 * reuse / ideal
         );
     }
 }
@@ -130,21 +130,27 @@ fn model_label(m: &CudaModel) -> String {
     )
 }
 
-/// (unfused ms, fused ms): each timed twice, alternating, and the faster kept.
-fn time_both(
+/// ms per step of (default, fused QKV, fused QKV + reused attention buffers): each
+/// timed twice, alternating, best kept; the model is left on the default path.
+fn time_variants(
     m: &mut CudaModel,
     c: &mut DeviceCollective,
     step: &StepInput,
     reps: usize,
-) -> (f64, f64) {
-    let mut best = (f64::MAX, f64::MAX);
+) -> [f64; 3] {
+    let mut best = [f64::MAX; 3];
     for _ in 0..2 {
-        m.set_fused_qkv(false);
-        best.0 = best.0.min(time_ms(m, c, step, reps));
-        m.set_fused_qkv(true);
-        best.1 = best.1.min(time_ms(m, c, step, reps));
+        for (i, (fused, reuse)) in [(false, false), (true, false), (true, true)]
+            .into_iter()
+            .enumerate()
+        {
+            m.set_fused_qkv(fused);
+            m.set_reuse_attn_buffers(reuse);
+            best[i] = best[i].min(time_ms(m, c, step, reps));
+        }
     }
     m.set_fused_qkv(false);
+    m.set_reuse_attn_buffers(false);
     best
 }
 

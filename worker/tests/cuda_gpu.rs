@@ -70,6 +70,7 @@ fn sizing() -> CudaModelConfig {
         memory_utilization: 0.5,
         max_kv_blocks: Some(256),
         fused_qkv: false,
+        reuse_attn_buffers: false,
     }
 }
 
@@ -231,13 +232,15 @@ fn tiny_model_on_cuda_matches_the_cpu_reference_teacher_forced() {
     assert!(gpu.planned_gemm_shapes() > 0);
 }
 
-/// The fused QKV path (one GEMM, `rope_qkv_cache`) against the CPU reference under
-/// the same tolerances, and against the unfused path on the same loaded model: one
-/// GEMM over the whole fused weight may pick another cuBLASLt algorithm than three
-/// over its row ranges, so the two differ by bf16 rounding at most, never by O(range).
+/// The fast paths (one QKV GEMM + `rope_qkv_cache`; attention buffers reused across
+/// steps) against the CPU reference under the same tolerances, and against the
+/// default path on the same loaded model: one GEMM over the whole fused weight may
+/// pick another cuBLASLt algorithm than three over its row ranges, so the two differ
+/// by bf16 rounding at most, never by O(range). Reused buffers stop allocating once
+/// the largest step of the schedule has been seen.
 #[test]
 #[ignore = "needs a GPU: STRAL_GPU=1"]
-fn fused_qkv_path_matches_the_cpu_reference_and_the_unfused_path() {
+fn fast_paths_match_the_cpu_reference_and_the_default_path() {
     gpu();
     let dir = tempfile::tempdir().unwrap();
     let ckpt = tiny(dir.path());
@@ -252,6 +255,22 @@ fn fused_qkv_path_matches_the_cpu_reference_and_the_unfused_path() {
     let fused = teacher_forced(|s| gpu.forward(s, &mut coll).unwrap(), vocab);
     compare("CUDA fused QKV vs CPU", &want, &fused);
     compare("CUDA fused QKV vs unfused", &unfused, &fused);
+    gpu.set_fused_qkv(false);
+    gpu.set_reuse_attn_buffers(true);
+    let reused = teacher_forced(|s| gpu.forward(s, &mut coll).unwrap(), vocab);
+    let warm = gpu.attn_buffer_allocations();
+    assert!(warm > 0, "reuse on, but no buffer was ever allocated");
+    // The same schedule again fits the buffers it grew: no allocation at all.
+    let again = teacher_forced(|s| gpu.forward(s, &mut coll).unwrap(), vocab);
+    assert_eq!(gpu.attn_buffer_allocations(), warm, "a warm step allocated");
+    // Reuse changes where the metadata lives, not what is computed (a stale table or
+    // work list would move logits by O(range), far outside the tolerances).
+    compare("CUDA reused attention buffers vs fresh", &unfused, &reused);
+    compare(
+        "CUDA reused attention buffers (warm) vs fresh",
+        &unfused,
+        &again,
+    );
 }
 
 #[test]

@@ -32,7 +32,11 @@
 //! metadata (a few KB); the workspace is `max_splits · n_tokens · n_heads · (d + 1)`
 //! f32, allocated only when some item is split.
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use half::bf16;
 
 use super::ops::{expect_len, shape_err};
@@ -311,19 +315,70 @@ struct AttnParams {
 // and matches the field order and types of the CUDA struct.
 unsafe impl DeviceRepr for AttnParams {}
 
+/// The device buffers an [`AttnPlan`] fills: block tables, one work list per tier,
+/// and the split-K workspace. Each is used for a prefix of its length. Handing a
+/// finished plan's buffers ([`AttnPlan::into_buffers`]) to the next
+/// [`CudaKernels::plan_attention_in`] reuses them — one host-to-device copy per list
+/// and no allocation unless a step needs more than any before it (then the buffer
+/// grows by at least half).
+#[derive(Default)]
+pub struct PlanBuffers {
+    block_tables: Option<CudaSlice<u32>>,
+    tiers: [Option<CudaSlice<u32>>; 3],
+    token_splits: Option<CudaSlice<u32>>,
+    part_o: Option<CudaSlice<f32>>,
+    part_lse: Option<CudaSlice<f32>>,
+    /// Allocations made so far (a reused set stops growing once warm).
+    pub allocations: u64,
+}
+
+impl PlanBuffers {
+    /// `slot` holds at least `len` elements afterwards (contents unspecified).
+    fn reserve<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        stream: &Arc<CudaStream>,
+        slot: &mut Option<CudaSlice<T>>,
+        len: usize,
+        allocations: &mut u64,
+    ) -> Result<(), KernelError> {
+        let have = slot.as_ref().map_or(0, |b| b.len());
+        if have < len.max(1) {
+            *slot = None; // free first: the old buffer is not needed
+            *slot = Some(stream.alloc_zeros::<T>(len.max(1).max(have + have / 2))?);
+            *allocations += 1;
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into the start of `slot` (grown as needed).
+    fn put(
+        stream: &Arc<CudaStream>,
+        slot: &mut Option<CudaSlice<u32>>,
+        data: &[u32],
+        allocations: &mut u64,
+    ) -> Result<(), KernelError> {
+        Self::reserve(stream, slot, data.len(), allocations)?;
+        if !data.is_empty() {
+            let buf = slot.as_mut().expect("reserved");
+            stream.memcpy_htod(data, &mut buf.slice_mut(0..data.len()))?;
+        }
+        Ok(())
+    }
+}
+
 /// A step's attention metadata on the device, plus its work list and workspace.
-/// Build with [`CudaKernels::plan_attention`]; reuse for every layer of the step.
+/// Build with [`CudaKernels::plan_attention`] (fresh buffers) or
+/// [`CudaKernels::plan_attention_in`] (reused ones); use for every layer of the step.
 pub struct AttnPlan {
     n_heads: usize,
     layout: KvLayout,
     n_tokens: usize,
     max_blocks: u32,
     window: u32,
-    block_tables: CudaSlice<u32>,
-    /// Uploaded work list and item count per tier.
-    tiers: [Option<(CudaSlice<u32>, u32)>; 3],
-    /// Present when some item is split: (token_splits, partial O, partial lse).
-    splits: Option<(CudaSlice<u32>, CudaSlice<f32>, CudaSlice<f32>)>,
+    /// Work items per tier (0: the tier does not launch).
+    items: [u32; 3],
+    /// Some item is split: the merge kernel runs over the workspace.
+    split: bool,
+    bufs: PlanBuffers,
     work: WorkPlan,
 }
 
@@ -331,6 +386,11 @@ impl AttnPlan {
     /// The host-side work list this plan runs.
     pub fn work(&self) -> &WorkPlan {
         &self.work
+    }
+
+    /// The device buffers, for the next step's [`CudaKernels::plan_attention_in`].
+    pub fn into_buffers(self) -> PlanBuffers {
+        self.bufs
     }
 }
 
@@ -362,6 +422,20 @@ impl CudaKernels {
         n_heads: usize,
         layout: KvLayout,
         config: AttnPlanConfig,
+    ) -> Result<AttnPlan, KernelError> {
+        self.plan_attention_in(meta, n_heads, layout, config, PlanBuffers::default())
+    }
+
+    /// As [`CudaKernels::plan_attention`], filling `bufs` (a previous plan's, see
+    /// [`PlanBuffers`]) instead of allocating. The copies are ordered on this stream
+    /// after every launch of the plan the buffers came from.
+    pub fn plan_attention_in(
+        &self,
+        meta: &AttnMeta,
+        n_heads: usize,
+        layout: KvLayout,
+        config: AttnPlanConfig,
+        mut bufs: PlanBuffers,
     ) -> Result<AttnPlan, KernelError> {
         const OP: &str = "plan_attention";
         if layout.head_dim != 64 && layout.head_dim != 128 {
@@ -425,44 +499,33 @@ impl CudaKernels {
         let work = plan_work(meta, group as u32, layout.n_kv_heads as u32, grid, config);
         let n_tokens = meta.n_tokens();
         let stream = &self.stream;
-        let upload = |items: &[WorkItem]| -> Result<Option<(CudaSlice<u32>, u32)>, KernelError> {
-            if items.is_empty() {
-                return Ok(None);
-            }
-            Ok(Some((
-                stream.clone_htod(&flatten(items))?,
-                items.len() as u32,
-            )))
-        };
-        let splits = if work.max_splits > 0 {
+        let allocs = &mut bufs.allocations;
+        let split = work.max_splits > 0;
+        if split {
             let rows = work.max_splits as usize * n_tokens * n_heads;
-            Some((
-                stream.clone_htod(&work.token_splits)?,
-                stream.alloc_zeros::<f32>(rows * layout.head_dim)?,
-                stream.alloc_zeros::<f32>(rows)?,
-            ))
-        } else {
-            None
-        };
-        // Zero-length uploads are not allowed; an empty step uploads one unused entry.
-        let tables = if meta.block_tables.is_empty() {
-            vec![0]
-        } else {
-            meta.block_tables.clone()
-        };
+            PlanBuffers::put(stream, &mut bufs.token_splits, &work.token_splits, allocs)?;
+            PlanBuffers::reserve(stream, &mut bufs.part_o, rows * layout.head_dim, allocs)?;
+            PlanBuffers::reserve(stream, &mut bufs.part_lse, rows, allocs)?;
+        }
+        // An empty step still gets a (one-entry, unused) table: zero-length buffers are
+        // not allowed.
+        PlanBuffers::put(stream, &mut bufs.block_tables, &meta.block_tables, allocs)?;
+        let mut items = [0u32; 3];
+        for (t, list) in work.tiers.iter().enumerate() {
+            if !list.is_empty() {
+                PlanBuffers::put(stream, &mut bufs.tiers[t], &flatten(list), allocs)?;
+                items[t] = list.len() as u32;
+            }
+        }
         Ok(AttnPlan {
             n_heads,
             layout,
             n_tokens,
             max_blocks: meta.max_blocks as u32,
             window: meta.sliding_window.unwrap_or(0),
-            block_tables: stream.clone_htod(&tables)?,
-            tiers: [
-                upload(&work.tiers[0])?,
-                upload(&work.tiers[1])?,
-                upload(&work.tiers[2])?,
-            ],
-            splits,
+            items,
+            split,
+            bufs,
             work,
         })
     }
@@ -487,9 +550,10 @@ impl CudaKernels {
         if plan.n_tokens == 0 {
             return Ok(());
         }
-        let (part_o, part_lse) = match &plan.splits {
-            Some((_, o, l)) => (self.ptr(o), self.ptr(l)),
-            None => (0, 0),
+        let b = &plan.bufs;
+        let (part_o, part_lse) = match (plan.split, &b.part_o, &b.part_lse) {
+            (true, Some(o), Some(l)) => (self.ptr(o), self.ptr(l)),
+            _ => (0, 0),
         };
         let group = plan.n_heads / layout.n_kv_heads;
         let mut params = AttnParams {
@@ -500,7 +564,7 @@ impl CudaKernels {
             part_o,
             part_lse,
             work: 0,
-            block_tables: self.ptr(&plan.block_tables),
+            block_tables: self.ptr(b.block_tables.as_ref().expect("planned")),
             max_blocks: plan.max_blocks,
             block_shift: layout.block_size.trailing_zeros(),
             n_heads: plan.n_heads as u32,
@@ -516,14 +580,14 @@ impl CudaKernels {
         {
             return Err(shape_err(OP, "buffers must be 16-byte aligned".into()));
         }
-        for (items, tier) in plan.tiers.iter().zip(&TIERS) {
-            let Some((work, n_items)) = items else {
+        for ((work, &n_items), tier) in b.tiers.iter().zip(&plan.items).zip(&TIERS) {
+            let Some(work) = work.as_ref().filter(|_| n_items > 0) else {
                 continue;
             };
             let kernel = tier.kernel(d);
             params.work = self.ptr(work);
             let cfg = LaunchConfig {
-                grid_dim: (*n_items, layout.n_kv_heads as u32, 1),
+                grid_dim: (n_items, layout.n_kv_heads as u32, 1),
                 block_dim: (tier.threads(), 1, 1),
                 shared_mem_bytes: tier.smem_bytes(d) as u32,
             };
@@ -538,13 +602,8 @@ impl CudaKernels {
             // shared memory was opted into at load time.
             unsafe { launch.launch(cfg) }?;
         }
-        if let Some((token_splits, part_o, part_lse)) = &plan.splits {
-            let (tp, po, pl, op) = (
-                self.ptr(token_splits),
-                self.ptr(part_o),
-                self.ptr(part_lse),
-                params.out,
-            );
+        if let (true, Some(token_splits)) = (plan.split, &b.token_splits) {
+            let (tp, po, pl, op) = (self.ptr(token_splits), part_o, part_lse, params.out);
             let (n_tokens, n_heads, d32) = (plan.n_tokens as u32, plan.n_heads as u32, d as u32);
             let mut launch = self
                 .stream

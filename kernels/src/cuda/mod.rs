@@ -38,7 +38,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
-pub use attention::{AttnPlan, AttnPlanConfig};
+pub use attention::{AttnPlan, AttnPlanConfig, PlanBuffers};
 pub use compile::Kernel;
 pub use ops::TOP_K_MAX;
 

@@ -128,6 +128,7 @@ pub fn load(
         max_kv_blocks: req.max_kv_blocks.map(u64::from),
         // A measurement switch until a GPU run has timed both paths (worker/README.md).
         fused_qkv: std::env::var("STRAL_CUDA_FUSED_QKV").is_ok_and(|v| v == "1"),
+        reuse_attn_buffers: std::env::var("STRAL_CUDA_REUSE_ATTN").is_ok_and(|v| v == "1"),
     };
     let shard = ShardSpec { tp, rank };
     let t0 = Instant::now();

@@ -30,7 +30,7 @@ use std::time::Instant;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
-use kernels::cuda::{AttnPlan, AttnPlanConfig, CudaKernels};
+use kernels::cuda::{AttnPlan, AttnPlanConfig, CudaKernels, PlanBuffers};
 use kernels::reference::KvLayout;
 
 use super::collective::DeviceCollective;
@@ -59,6 +59,10 @@ pub struct CudaModelConfig {
     /// `rope` and `reshape_and_cache` (default off; `STRAL_CUDA_FUSED_QKV=1` in a
     /// worker; [`CudaModel::set_fused_qkv`] switches a loaded model).
     pub fused_qkv: bool,
+    /// Reuse the attention plan's device buffers (block tables, work lists, split-K
+    /// workspace) from step to step instead of allocating them per step (default off;
+    /// `STRAL_CUDA_REUSE_ATTN=1`; [`CudaModel::set_reuse_attn_buffers`]).
+    pub reuse_attn_buffers: bool,
 }
 
 impl Default for CudaModelConfig {
@@ -70,6 +74,7 @@ impl Default for CudaModelConfig {
             memory_utilization: super::DEFAULT_MEMORY_UTILIZATION,
             max_kv_blocks: None,
             fused_qkv: false,
+            reuse_attn_buffers: false,
         }
     }
 }
@@ -251,6 +256,8 @@ pub struct CudaModel {
     scratch: Scratch,
     sizing: CudaModelConfig,
     profile: MemoryProfile,
+    /// The last step's attention buffers, when they are reused.
+    plan_bufs: Option<PlanBuffers>,
 }
 
 impl CudaModel {
@@ -306,6 +313,7 @@ impl CudaModel {
                 used_at_peak: 0,
                 profiling_kv: 0,
             },
+            plan_bufs: None,
         };
         model.profile_and_allocate_kv()?;
         Ok(model)
@@ -432,6 +440,21 @@ impl CudaModel {
         self.sizing.fused_qkv = on;
     }
 
+    /// Switches reuse of the attention plan's device buffers across steps on or off
+    /// (off drops the kept buffers: every step then allocates its own).
+    pub fn set_reuse_attn_buffers(&mut self, on: bool) {
+        self.sizing.reuse_attn_buffers = on;
+        if !on {
+            self.plan_bufs = None;
+        }
+    }
+
+    /// Device allocations the reused attention buffers have needed so far (0 when
+    /// reuse is off); constant once every step shape seen fits them.
+    pub fn attn_buffer_allocations(&self) -> u64 {
+        self.plan_bufs.as_ref().map_or(0, |b| b.allocations)
+    }
+
     /// GEMM shapes planned so far (each got its algorithm once).
     pub fn planned_gemm_shapes(&self) -> usize {
         self.gemm.planned_shapes()
@@ -492,13 +515,18 @@ impl CudaModel {
             fused_qkv: self.sizing.fused_qkv,
         };
         pass.upload(step)?;
+        let bufs = match self.sizing.reuse_attn_buffers {
+            true => self.plan_bufs.take().unwrap_or_default(),
+            false => PlanBuffers::default(),
+        };
         let plan = pass
             .k
-            .plan_attention(
+            .plan_attention_in(
                 &step.meta,
                 pass.l.heads,
                 self.layout,
                 AttnPlanConfig::default(),
+                bufs,
             )
             .map_err(kernel_err("planning attention"))?;
         if let Some(p) = peak_free {
@@ -512,7 +540,9 @@ impl CudaModel {
             pass.mlp(lw, next_norm, coll)?;
         }
         let logits = pass.logits(w, step.logit_rows.len(), coll);
-        drop(plan);
+        if self.sizing.reuse_attn_buffers {
+            self.plan_bufs = Some(plan.into_buffers());
+        }
         logits
     }
 }

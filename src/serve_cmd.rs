@@ -150,6 +150,12 @@ pub struct ServeArgs {
     /// KV cache per rank, in MiB (CPU backend).
     #[arg(long, default_value_t = 512)]
     kv_cache_mib: u64,
+    /// Cap on KV-cache blocks per rank, on any backend (default: all that memory or
+    /// --kv-cache-mib allows). For capacity experiments: e.g. give a `--worker-backend
+    /// sim` replica the cache a real deployment would have per developer (vLLM calls
+    /// this --num-gpu-blocks-override).
+    #[arg(long, value_name = "BLOCKS", value_parser = clap::value_parser!(u32).range(1..))]
+    num_kv_blocks: Option<u32>,
     /// A worker that does not answer a step within this many seconds is considered lost.
     #[arg(long, default_value_t = 60)]
     step_timeout_s: u64,
@@ -220,6 +226,7 @@ impl ServeArgs {
             },
             engine: self.engine_config()?,
             kv_cache_bytes: self.kv_cache_mib << 20,
+            max_kv_blocks: self.num_kv_blocks,
             step_timeout: Duration::from_secs(self.step_timeout_s),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_s),
             worker_token: self

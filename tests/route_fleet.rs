@@ -14,8 +14,22 @@ use serde_json::{json, Value};
 const REPLICA_ARGS: &[&str] = &["--worker-backend", "sim", "--gpu", "h100"];
 
 fn start_replicas(n: usize) -> Vec<Server> {
+    start_replicas_with(n, None)
+}
+
+/// `n` replicas, each with its KV cache capped at `kv_blocks` when set.
+fn start_replicas_with(n: usize, kv_blocks: Option<u32>) -> Vec<Server> {
     let starts: Vec<_> = (0..n)
-        .map(|_| std::thread::spawn(|| Server::start(Path::new("synthetic:tiny"), 1, REPLICA_ARGS)))
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut args: Vec<String> = REPLICA_ARGS.iter().map(|a| a.to_string()).collect();
+                if let Some(b) = kv_blocks {
+                    args.extend(["--num-kv-blocks".to_string(), b.to_string()]);
+                }
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                Server::start(Path::new("synthetic:tiny"), 1, &args)
+            })
+        })
         .collect();
     starts.into_iter().map(|s| s.join().unwrap()).collect()
 }
@@ -77,15 +91,24 @@ fn ttft(run: &Value) -> (f64, f64) {
     )
 }
 
-#[test]
-fn affinity_keeps_one_replicas_prefix_cache_hit_rate_and_beats_round_robin() {
+/// Hit rate and TTFT (p50, p95) of one replica, and of 3 replicas behind the router
+/// with affinity (plus its affinity hits and spills) and with round-robin; each
+/// replica's cache capped at `kv_blocks` (the single replica gets 3× that: the same
+/// total memory as the fleet).
+struct Policies {
+    single: (f64, (f64, f64)),
+    affinity: (f64, (f64, f64), f64, f64),
+    rr: (f64, (f64, f64), f64, f64),
+}
+
+fn compare_policies(kv_blocks: Option<u32>) -> Policies {
     let single = {
-        let s = start_replicas(1);
+        let s = start_replicas_with(1, kv_blocks.map(|b| 3 * b));
         let run = keystroke_run(s[0].port);
         (fleet_hit_rate(&s), ttft(&run))
     };
     let through_router = |policy: &str| {
-        let fleet = start_replicas(3);
+        let fleet = start_replicas_with(3, kv_blocks);
         let router = Router::start(&urls(&fleet), &["--policy", policy]);
         router.wait_replicas_ready(3, Duration::from_secs(30));
         let run = keystroke_run(router.port);
@@ -105,11 +128,15 @@ fn affinity_keeps_one_replicas_prefix_cache_hit_rate_and_beats_round_robin() {
             .unwrap();
         (fleet_hit_rate(&fleet), ttft(&run), hits, spills)
     };
-    let affinity = through_router("affinity");
-    let rr = through_router("round-robin");
+    let p = Policies {
+        single,
+        affinity: through_router("affinity"),
+        rr: through_router("round-robin"),
+    };
+    let (single, affinity, rr) = (p.single, p.affinity, p.rr);
     eprintln!(
-        "prefix-cache hit rate (TTFT p50/p95 ms): one replica {:.3} ({:.1}/{:.1}); 3 replicas affinity {:.3} ({:.1}/{:.1}, {} hits, {} spills); 3 replicas round-robin {:.3} ({:.1}/{:.1})",
-        single.0, single.1 .0, single.1 .1, affinity.0, affinity.1 .0, affinity.1 .1, affinity.2, affinity.3, rr.0, rr.1 .0, rr.1 .1
+        "KV blocks per replica {kv_blocks:?}: prefix-cache hit rate (TTFT p50/p95 ms): one replica {:.3} ({:.1}/{:.1}); 3 replicas affinity {:.3} ({:.1}/{:.1}, {} hits, {} spills); 3 replicas round-robin {:.3} ({:.1}/{:.1}); affinity / round-robin {:.2}x",
+        single.0, single.1 .0, single.1 .1, affinity.0, affinity.1 .0, affinity.1 .1, affinity.2, affinity.3, rr.0, rr.1 .0, rr.1 .1, affinity.0 / rr.0
     );
     assert!(
         affinity.2 > 0.0 && rr.2 == 0.0,
@@ -121,14 +148,38 @@ fn affinity_keeps_one_replicas_prefix_cache_hit_rate_and_beats_round_robin() {
         affinity.0,
         single.0
     );
-    // Measured on 2 shared cores: one replica 0.807, affinity 0.757, round-robin 0.548
-    // (1.38x; the 2x is not reached with this workload, where most keystrokes of
-    // a line still find an earlier one of the same line on any replica).
+    p
+}
+
+#[test]
+fn affinity_keeps_one_replicas_prefix_cache_hit_rate_and_beats_round_robin() {
+    let p = compare_policies(None);
+    // Unbounded caches (the sim H100's), measured on 2 shared cores: one replica 0.807,
+    // affinity 0.757, round-robin 0.548 (1.38x). Round-robin loses only the first
+    // request of each line on each replica (a FIM prompt starts with the suffix, which
+    // changes with the line), so 2x is out of reach here; see the capped test below.
     assert!(
-        affinity.0 >= 1.2 * rr.0,
+        p.affinity.0 >= 1.2 * p.rr.0,
         "affinity {:.3} not clearly above round-robin's {:.3}",
-        affinity.0,
-        rr.0
+        p.affinity.0,
+        p.rr.0
+    );
+}
+
+/// Each replica's cache holds about half of the 24 developers' contexts (640 blocks
+/// of 16 tokens vs ~56 blocks per developer): under round-robin every replica must
+/// cache every developer and evicts what the next visit needs; under affinity each
+/// caches its third. (A real Codestral-22B H100 replica has ~7.6K blocks for a few
+/// hundred developers of ~140-block contexts: tighter still.) Measured 2.07–2.41x in
+/// 6 runs on 2 shared cores (benches/RESULTS.md); asserted at 1.8x, below that spread.
+#[test]
+fn with_caches_holding_half_the_fleets_contexts_affinity_doubles_round_robins_hit_rate() {
+    let p = compare_policies(Some(640));
+    assert!(
+        p.affinity.0 >= 1.8 * p.rr.0,
+        "affinity {:.3} not about 2x round-robin's {:.3}",
+        p.affinity.0,
+        p.rr.0
     );
 }
 

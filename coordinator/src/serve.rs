@@ -40,6 +40,8 @@ pub struct ServeConfig {
     pub engine: EngineConfig,
     /// KV cache budget per rank, bytes.
     pub kv_cache_bytes: u64,
+    /// Cap on KV blocks per rank (`--num-kv-blocks`), on every backend.
+    pub max_kv_blocks: Option<u32>,
     pub step_timeout: Duration,
     pub shutdown_grace: Duration,
     /// The token remote workers require (`--worker-token-file`); local workers get a
@@ -132,6 +134,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
         nccl_unique_id: config.nccl_unique_id,
         block_size: config.engine.scheduler.block_size as u32,
         kv_cache_bytes: config.kv_cache_bytes,
+        max_kv_blocks: config.max_kv_blocks,
         max_num_batched_tokens: config.engine.scheduler.max_num_batched_tokens as u32,
         max_num_seqs: config.engine.scheduler.max_num_seqs as u32,
         step_timeout: config.step_timeout,

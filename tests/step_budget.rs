@@ -56,9 +56,15 @@ fn cpu_workers_export_their_measured_step_cost_and_a_5_ms_target_still_serves() 
 #[test]
 fn auto_is_derived_from_the_measured_cost_and_off_means_no_cap() {
     let server = Server::start(model_dir(), 1, &[]);
+    // auto: no step-time cap, a prefill allowance of a 512-token chunk's predicted
+    // time from the exported coefficients.
+    assert_eq!(server.metric("stral_max_step_ms"), 0.0);
+    let (per_token, per_ctx) = (server.metric(COST[1]), server.metric(COST[2]));
+    let allowance = server.metric("stral_max_prefill_ms");
+    let want = 512.0 * (per_token + per_ctx);
     assert!(
-        server.metric("stral_max_step_ms") > 0.0,
-        "auto with a measured cost caps"
+        allowance > 0.0 && (allowance - want).abs() <= 1e-9 * want.max(1.0),
+        "auto's prefill allowance {allowance} ms, expected 512 × ({per_token} + {per_ctx}) = {want}"
     );
     drop(server);
     let null = Server::start(model_dir(), 1, &["--worker-backend", "null"]);
@@ -69,11 +75,13 @@ fn auto_is_derived_from_the_measured_cost_and_off_means_no_cap() {
             "{m}: the null backend measures nothing"
         );
     }
-    assert_eq!(
-        null.metric("stral_max_step_ms"),
-        0.0,
-        "auto without a cost model: no cap"
-    );
+    for m in ["stral_max_step_ms", "stral_max_prefill_ms"] {
+        assert_eq!(
+            null.metric(m),
+            0.0,
+            "{m}: auto without a cost model: no cap"
+        );
+    }
     drop(null);
     let off = Server::start(
         model_dir(),

@@ -180,8 +180,13 @@ fn render_gauges(out: &mut String, engine: &EngineStats, ready: bool) {
         ),
         (
             "stral_max_step_ms",
-            "Predicted step time that prefill is capped to (--max-step-ms); 0: no cap.",
+            "Predicted step time that prefill is capped to (--max-step-ms MS); 0: no cap.",
             engine.max_step_ms.unwrap_or(0.0),
+        ),
+        (
+            "stral_max_prefill_ms",
+            "Predicted prefill time allowed per step on top of its decodes (--max-step-ms auto: a 512-token chunk); 0: none.",
+            engine.max_prefill_ms.unwrap_or(0.0),
         ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");

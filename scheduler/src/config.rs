@@ -2,8 +2,8 @@
 //! reported facts (block count, block size, context, window) map onto it.
 //!
 //! Also the step cost model ([`StepCost`]): the coefficients a worker group measures,
-//! passed in as plain numbers, and the `auto` rule for the step-time target
-//! ([`StepCost::auto_max_step_ms`]).
+//! passed in as plain numbers, and the `auto` rule for the step-time target (a
+//! prefill allowance per step, [`StepCost::auto_prefill_ms`]).
 //!
 //! Invariant: a [`crate::Scheduler`] is only built from a config that passed
 //! [`SchedulerConfig::validate`].
@@ -25,16 +25,15 @@ pub struct StepCost {
     pub per_context_token_ms: f64,
 }
 
-/// The `auto` step-time target is this many times a full decode-only step
-/// ([`StepCost::auto_max_step_ms`]). A capped step spends its overhead (`fixed_ms`
-/// and the decodes) and then `(factor − 1)×` that on prefill, so the cap only pays
-/// beyond a factor of 2: below, a burst's prompts pay the overhead in more steps than
-/// they save. Measured in `scheduler/tests/latency.rs` (16 prompts of 512 tokens at
-/// once, 4 decodes running, 10 ms fixed cost, 0.12 ms per token): mean TTFT
-/// 999 ms uncapped; 1,204 / 918 / 789 ms at factors 2 / 4 / 8, with the longest step
-/// (what a running decode waits) 998 ms uncapped and 32 / 64 / 128 ms capped. 4 trades
-/// a small TTFT gain for decodes that never wait more than about 4 decode steps.
-pub const AUTO_STEP_FACTOR: f64 = 4.0;
+/// The `auto` prefill allowance ([`StepCost::auto_prefill_ms`]): each step's prefill
+/// chunks may take as long as a prefill of this many tokens from position 0, on top
+/// of the step's decodes. 512 is the chunk size chunked-prefill schedulers
+/// (Sarathi-Serve, vLLM's latency setting) use to keep decodes flowing; with the time
+/// model a chunk deep in a long prompt (more context to read) gets fewer tokens.
+/// Measured against `llama-server` on 2 cores (benches/RESULTS.md): 16 prompts of 512
+/// at once, mean TTFT 2.5 s uncapped, 0.84–0.98 s with a ~300 ms step (≈ this
+/// allowance on that box), throughput unchanged.
+pub const AUTO_PREFILL_TOKENS: usize = 512;
 
 impl StepCost {
     /// Predicted time of a step computing `tokens` tokens over `context_tokens` KV
@@ -61,17 +60,34 @@ impl StepCost {
                 .sum::<f64>()
     }
 
-    /// The `auto` rule for `max_step_ms`: [`AUTO_STEP_FACTOR`] × the predicted time of
-    /// a decode-only step of `max_num_seqs` sequences, each reading `context_tokens`
-    /// positions (the caller's typical context, e.g. `--max-model-len / 4` when it
-    /// knows nothing better). Never below twice `fixed_ms` plus one token, so that a
-    /// step always has room for prefill.
-    ///
-    /// The coordinator calls this for `--max-step-ms auto` with the group's measured
-    /// (slowest rank's) coefficients.
-    pub fn auto_max_step_ms(&self, max_num_seqs: usize, context_tokens: usize) -> f64 {
-        let decode = self.step_ms(max_num_seqs, max_num_seqs.saturating_mul(context_tokens));
-        (AUTO_STEP_FACTOR * decode).max(2.0 * self.fixed_ms + self.entry_ms(0, 1))
+    /// The `auto` rule for `max_prefill_ms`: the predicted time of a chunk of
+    /// [`AUTO_PREFILL_TOKENS`] tokens at position 0 (no `fixed_ms`: the step pays that
+    /// once, with or without prefill). Unlike a step-time target it does not depend on
+    /// how many decodes run: a step is its decodes plus this much prefill, so a busy
+    /// group still admits and a quiet one prefills a burst shortest-first in chunks.
+    pub fn auto_prefill_ms(&self) -> f64 {
+        self.entry_ms(0, AUTO_PREFILL_TOKENS)
+    }
+
+    /// Most of `n` tokens a chunk at `position` may take so that its
+    /// [`StepCost::entry_ms`] stays within `room` ms (0 when none fit).
+    pub fn tokens_within(&self, room: f64, position: usize, n: usize) -> usize {
+        let per_token = self.per_token_ms + self.per_context_token_ms;
+        let room_for_tokens = room - self.per_context_token_ms * position as f64;
+        let mut fits = if room_for_tokens < 0.0 {
+            0
+        } else if per_token <= 0.0 {
+            n
+        } else {
+            // The nudge keeps an exact fit (room = entry_ms(position, m)) from rounding
+            // down to m − 1; the loop below takes back any overshoot.
+            ((room_for_tokens / per_token + 1e-9).floor() as usize).min(n)
+        };
+        // Rounding: the floor may overshoot by one ulp's worth.
+        while fits > 0 && self.entry_ms(position, fits) > room {
+            fits -= 1;
+        }
+        fits
     }
 
     fn validate(&self) -> Result<(), SchedulerError> {
@@ -125,6 +141,12 @@ pub struct SchedulerConfig {
     /// cap, so prefill and admission never stall.
     /// `max_num_batched_tokens` stays a hard cap. Ignored without `step_cost`.
     pub max_step_ms: Option<f64>,
+    /// Prefill-time allowance in ms: the prefill chunks of one step together are
+    /// capped so that their predicted time ([`StepCost::entry_ms`], decodes and
+    /// `fixed_ms` not counted) stays within it — `--max-step-ms auto`
+    /// ([`StepCost::auto_prefill_ms`]). Same first-chunk minimum as `max_step_ms`;
+    /// both may be set. Ignored without `step_cost`.
+    pub max_prefill_ms: Option<f64>,
 }
 
 impl Default for SchedulerConfig {
@@ -141,6 +163,7 @@ impl Default for SchedulerConfig {
             shortest_prefill_first: true,
             step_cost: None,
             max_step_ms: None,
+            max_prefill_ms: None,
         }
     }
 }
@@ -149,6 +172,11 @@ impl SchedulerConfig {
     /// The step cost model and target when both are set: the step-time cap is on.
     pub fn step_cap(&self) -> Option<(StepCost, f64)> {
         Some((self.step_cost?, self.max_step_ms?))
+    }
+
+    /// The step cost model and prefill allowance when both are set.
+    pub fn prefill_cap(&self) -> Option<(StepCost, f64)> {
+        Some((self.step_cost?, self.max_prefill_ms?))
     }
 
     /// Checks every field's range.
@@ -183,6 +211,12 @@ impl SchedulerConfig {
             .is_some_and(|ms| !(ms.is_finite() && ms > 0.0))
         {
             return fail("max_step_ms must be a positive number of milliseconds");
+        }
+        if self
+            .max_prefill_ms
+            .is_some_and(|ms| !(ms.is_finite() && ms > 0.0))
+        {
+            return fail("max_prefill_ms must be a positive number of milliseconds");
         }
         Ok(())
     }

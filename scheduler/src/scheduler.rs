@@ -21,7 +21,9 @@
 //!
 //! Step-time cap (`step_cost` and `max_step_ms` both set): every prefill chunk is cut
 //! to what keeps the step's predicted time ([`crate::StepCost::plan_ms`]) within
-//! `max_step_ms`; decodes are never cut. A step's first prefill chunk gets at least
+//! `max_step_ms`; decodes are never cut. The prefill allowance (`max_prefill_ms`,
+//! what `--max-step-ms auto` sets) cuts chunks the same way against the predicted
+//! time of the step's prefill chunks alone. A step's first prefill chunk gets at least
 //! `min(block_size, remaining)` tokens even over the cap, so prefill and admission
 //! always progress (also when decodes alone exceed the cap). When a running sequence needs a block and none is free, the
 //! lowest-priority newest running sequence is preempted by recompute (blocks freed,
@@ -130,6 +132,10 @@ struct StepBuilder {
     /// `fixed_ms` included).
     cap: Option<(StepCost, f64)>,
     predicted_ms: f64,
+    /// The prefill allowance, if on, and the predicted time of the prefill chunks so
+    /// far (ms; decodes — single sampled tokens — not counted).
+    prefill_cap: Option<(StepCost, f64)>,
+    prefill_ms: f64,
     /// Least chunk of a step's first prefill, even over the cap.
     min_chunk: usize,
     /// Prefill chunks added so far.
@@ -138,24 +144,16 @@ struct StepBuilder {
 
 impl StepBuilder {
     /// Tokens a prefill chunk at `position` with `remaining` tokens left may compute:
-    /// within the token budget and the step-time cap; 0 when neither leaves room.
+    /// within the token budget, the step-time cap and the prefill allowance; 0 when
+    /// none leaves room (except a step's first chunk, see `min_chunk`).
     fn prefill_tokens(&self, position: usize, remaining: usize) -> usize {
-        let n = remaining.min(self.budget);
-        let Some((cost, max_ms)) = self.cap else {
-            return n;
-        };
-        let per_token = cost.per_token_ms + cost.per_context_token_ms;
-        let room = max_ms - self.predicted_ms - cost.per_context_token_ms * position as f64;
-        let mut fits = if room < 0.0 {
-            0
-        } else if per_token <= 0.0 {
-            n
-        } else {
-            ((room / per_token).floor() as usize).min(n)
-        };
-        // Rounding: the floor may overshoot by one ulp's worth.
-        while fits > 0 && self.predicted_ms + cost.entry_ms(position, fits) > max_ms {
-            fits -= 1;
+        let mut fits = remaining.min(self.budget);
+        let n = fits;
+        if let Some((cost, max_ms)) = self.cap {
+            fits = cost.tokens_within(max_ms - self.predicted_ms, position, fits);
+        }
+        if let Some((cost, max_ms)) = self.prefill_cap {
+            fits = cost.tokens_within(max_ms - self.prefill_ms, position, fits);
         }
         if self.prefills == 0 {
             fits = fits.max(self.min_chunk.min(n));
@@ -163,8 +161,17 @@ impl StepBuilder {
         fits
     }
 
-    fn entry_ms(&self, position: usize, n: usize) -> f64 {
-        self.cap.map_or(0.0, |(cost, _)| cost.entry_ms(position, n))
+    /// The predicted ms of an entry: (its step-cap share, its prefill share). A
+    /// decode (one sampled token of a running sequence, not a new admission) has no
+    /// prefill share.
+    fn entry_ms(&self, position: usize, n: usize, sample: bool, reset: bool) -> (f64, f64) {
+        let step = self.cap.map_or(0.0, |(cost, _)| cost.entry_ms(position, n));
+        let decode = n == 1 && sample && !reset;
+        let prefill = match self.prefill_cap {
+            Some((cost, _)) if !decode => cost.entry_ms(position, n),
+            _ => 0.0,
+        };
+        (step, prefill)
     }
 
     fn push(
@@ -194,7 +201,10 @@ impl StepBuilder {
         });
         self.budget -= n;
         self.scheduled += 1;
-        self.predicted_ms += self.entry_ms(position, n);
+        let sample = position + n == seq.tokens.len();
+        let (step_ms, prefill_ms) = self.entry_ms(position, n, sample, reset);
+        self.predicted_ms += step_ms;
+        self.prefill_ms += prefill_ms;
         (self.plan.seqs.len() - 1) as u32
     }
 
@@ -202,9 +212,12 @@ impl StepBuilder {
     fn withdraw(&mut self, plan_slot: u32) {
         let entry = &self.plan.seqs[plan_slot as usize];
         let (position, n) = (entry.position, entry.num_tokens());
+        let (sample, reset) = (entry.sample, entry.reset);
         self.budget += n;
         self.scheduled -= 1;
-        self.predicted_ms -= self.entry_ms(position, n);
+        let (step_ms, prefill_ms) = self.entry_ms(position, n, sample, reset);
+        self.predicted_ms -= step_ms;
+        self.prefill_ms -= prefill_ms;
         self.withdrawn.push(plan_slot);
     }
 
@@ -407,6 +420,8 @@ impl Scheduler {
             preempted: false,
             cap: self.config.step_cap(),
             predicted_ms: self.config.step_cap().map_or(0.0, |(c, _)| c.fixed_ms),
+            prefill_cap: self.config.prefill_cap(),
+            prefill_ms: 0.0,
             min_chunk: self.config.block_size,
             prefills: 0,
         };

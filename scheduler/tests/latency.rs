@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use scheduler::{
     Priority, Scheduler, SchedulerConfig, SchedulerError, SeqId, StepCost, StepPlan,
-    AUTO_STEP_FACTOR,
+    AUTO_PREFILL_TOKENS,
 };
 
 /// Roughly the 2-core CPU figures of issue #22 (about 0.12 ms per prefill token, a
@@ -230,13 +230,41 @@ fn aging_admits_a_long_prompt_despite_a_stream_of_short_ones() {
 }
 
 #[test]
-fn the_auto_rule_is_four_full_decode_steps() {
-    let ms = COST.auto_max_step_ms(16, 1024);
-    let decode = 10.0 + 16.0 * 0.12 + 16.0 * 1024.0 * 0.0005;
-    assert!((ms - AUTO_STEP_FACTOR * decode).abs() < 1e-9, "{ms}");
-    // Zero coefficients (the null backend) still give a positive target.
-    let zero = StepCost::default();
-    assert!(zero.auto_max_step_ms(16, 1024) >= 0.0);
+fn the_auto_rule_is_a_512_token_chunk_and_binds_on_top_of_the_decodes() {
+    let allowance = COST.auto_prefill_ms();
+    assert_eq!(AUTO_PREFILL_TOKENS, 512);
+    assert!(
+        (allowance - (512.0 * 0.12 + 512.0 * 0.0005)).abs() < 1e-9,
+        "{allowance}"
+    );
+    // 40 decodes running (context 512) and a 2,000-token prompt: the step holds every
+    // decode plus a chunk whose own predicted time is within the allowance — the
+    // decodes do not eat into it, and it is not exceeded.
+    let mut sched = Scheduler::new(SchedulerConfig {
+        max_step_ms: None,
+        max_prefill_ms: Some(allowance),
+        ..config(None, true)
+    })
+    .unwrap();
+    let now = running_decodes(&mut sched, 40, 512, 1000);
+    sched
+        .add(500, prompt(500, 2000), 4, Priority::Interactive, now)
+        .unwrap();
+    let plan = step(&mut sched, now + 1);
+    let decodes = plan.seqs.iter().filter(|s| s.seq_id < 40).count();
+    assert_eq!(decodes, 40, "every decode is scheduled");
+    let chunk = plan
+        .seqs
+        .iter()
+        .find(|s| s.seq_id == 500)
+        .expect("admitted");
+    let chunk_ms = COST.entry_ms(chunk.position, chunk.num_tokens());
+    assert!(chunk_ms <= allowance + 1e-9, "{chunk_ms} > {allowance}");
+    assert!(
+        COST.entry_ms(chunk.position, chunk.num_tokens() + 1) > allowance,
+        "the chunk ({} tokens) stops where the allowance does",
+        chunk.num_tokens()
+    );
 }
 
 #[test]
@@ -275,7 +303,7 @@ struct Burst {
     total_ms: f64,
 }
 
-/// Four decodes run (context 512, long outputs); then `prompts` arrive at once.
+/// Four decodes run (context ≥ 512, long outputs); then `prompts` arrive at once.
 /// Time advances by each plan's predicted cost.
 fn burst(config: SchedulerConfig, prompts: &[usize]) -> Burst {
     let mut sched = Scheduler::new(config).unwrap();
@@ -284,7 +312,12 @@ fn burst(config: SchedulerConfig, prompts: &[usize]) -> Burst {
             .add(id, prompt(id, 512), 10_000, Priority::Interactive, 0)
             .unwrap();
     }
-    step(&mut sched, 0);
+    // Until all four decode (a capped config prefills them over several steps).
+    let mut setup = 0;
+    while step(&mut sched, 0).seqs.iter().any(|s| s.num_tokens() > 1) {
+        setup += 1;
+        assert!(setup < 100);
+    }
     let start_ms = 0.0;
     for (i, &len) in prompts.iter().enumerate() {
         let id = 100 + i as SeqId;
@@ -331,7 +364,6 @@ fn a_burst_of_sixteen_prompts_gets_first_tokens_sooner_with_the_cap() {
     // so the step's overhead grows during the burst; a 10 ms fixed cost per step
     // makes small caps lose (more steps, each paying it).
     let decode_ms = COST.step_ms(16, 16 * 513);
-    assert_eq!(COST.auto_max_step_ms(16, 513), AUTO_STEP_FACTOR * decode_ms);
     for factor in [2.0, 4.0, 8.0] {
         let cap = decode_ms * factor;
         let with = burst(config(Some(cap), true), &prompts);
@@ -341,7 +373,7 @@ fn a_burst_of_sixteen_prompts_gets_first_tokens_sooner_with_the_cap() {
         assert!(with.mean_first_token_step > without.mean_first_token_step);
         // The price: more steps, each paying the fixed cost, so the burst ends later.
         assert!(with.total_ms > without.total_ms, "{with:?}");
-        if factor >= AUTO_STEP_FACTOR {
+        if factor >= 4.0 {
             assert!(
                 with.mean_ttft_ms < 0.95 * without.mean_ttft_ms,
                 "mean TTFT {} vs {} ms",
@@ -366,7 +398,7 @@ fn in_a_mixed_burst_shortest_first_cuts_mean_ttft() {
     let prompts: Vec<usize> = (0..16)
         .map(|i| if i % 2 == 0 { 2048 } else { 128 })
         .collect();
-    let cap = COST.auto_max_step_ms(16, 513);
+    let cap = 4.0 * COST.step_ms(16, 16 * 513);
     let fifo = burst(config(Some(cap), false), &prompts);
     let srpf = burst(config(Some(cap), true), &prompts);
     eprintln!("8 x 2048 + 8 x 128 burst, cap {cap:.1} ms");
@@ -378,4 +410,37 @@ fn in_a_mixed_burst_shortest_first_cuts_mean_ttft() {
         srpf.mean_ttft_ms,
         fifo.mean_ttft_ms
     );
+}
+
+#[test]
+fn with_the_auto_allowance_a_burst_gets_first_tokens_sooner_and_decodes_keep_flowing() {
+    let prompts = [512; 16];
+    let without = burst(
+        SchedulerConfig {
+            step_cost: None,
+            ..config(None, false)
+        },
+        &prompts,
+    );
+    let allowance = COST.auto_prefill_ms();
+    let with = burst(
+        SchedulerConfig {
+            max_prefill_ms: Some(allowance),
+            ..config(None, true)
+        },
+        &prompts,
+    );
+    eprintln!("16 x 512 burst, 4 decodes running: no cap {without:?}; auto allowance {allowance:.1} ms: {with:?}");
+    // One 512-token prompt per step, shortest first: the i-th gets its first token
+    // after about i steps instead of all after one long one.
+    assert!(
+        with.mean_ttft_ms < 0.75 * without.mean_ttft_ms,
+        "mean TTFT {} vs {} ms",
+        with.mean_ttft_ms,
+        without.mean_ttft_ms
+    );
+    // A step is its decodes (at most 4 + 16) plus the allowance.
+    let bound = COST.step_ms(20, 20 * 600) + allowance;
+    assert!(with.max_step_ms <= bound, "{with:?} vs {bound}");
+    assert!(with.max_step_ms < without.max_step_ms / 5.0, "{with:?}");
 }

@@ -15,9 +15,10 @@
 //! right reason. At the end: every request ended and every block is free — also under
 //! a step-time cap, so nothing starves.
 //!
-//! Half the cases run with a step cost model and a `max_step_ms` cap (often binding):
-//! a plan with any prefill chunk is predicted within the cap, unless its only prefill
-//! chunk is a minimum one (at most a block). Every plan admits in prefill order: an
+//! Half the cases run with a step cost model and a `max_step_ms` cap or a
+//! `max_prefill_ms` allowance (often binding): a plan with any prefill chunk is
+//! predicted within the cap (its prefill chunks within the allowance), unless its only
+//! prefill chunk is a minimum one (at most a block). Every plan admits in prefill order: an
 //! admitted request ranks (aged class, re-admission first, shortest prompt first when
 //! on, arrival, id) before every request left waiting.
 
@@ -50,6 +51,9 @@ struct Params {
     shortest_prefill_first: bool,
     /// `(fixed, per token, per context token, max step)`, ms.
     cost: Option<(f64, f64, f64, f64)>,
+    /// The last `cost` number is a prefill allowance (`max_prefill_ms`), not a step
+    /// cap.
+    prefill_allowance: bool,
 }
 
 fn params() -> impl Strategy<Value = Params> {
@@ -64,13 +68,14 @@ fn params() -> impl Strategy<Value = Params> {
         (
             any::<bool>(),
             prop::option::of((0u32..8, 1u32..16, 0u32..4, 0u32..40)),
+            any::<bool>(),
         ),
     )
         .prop_map(
             |(
                 (num_blocks, block_size, budget, max_seqs),
                 (max_model_len, max_waiting, window, aging_interval_us),
-                (shortest_prefill_first, cost),
+                (shortest_prefill_first, cost, prefill_allowance),
             )| Params {
                 num_blocks,
                 block_size,
@@ -87,6 +92,7 @@ fn params() -> impl Strategy<Value = Params> {
                     let (f, t, c, m) = (f64::from(f), f64::from(t), f64::from(c), f64::from(m));
                     (f / 4.0, t / 4.0, c / 64.0, (f + m) / 4.0 + 0.5)
                 }),
+                prefill_allowance,
             },
         )
 }
@@ -212,7 +218,8 @@ impl Harness {
                 per_token_ms: t,
                 per_context_token_ms: c,
             }),
-            max_step_ms: p.cost.map(|(_, _, _, m)| m),
+            max_step_ms: p.cost.filter(|_| !p.prefill_allowance).map(|c| c.3),
+            max_prefill_ms: p.cost.filter(|_| p.prefill_allowance).map(|c| c.3),
         };
         let sched = Scheduler::new(config).expect("every generated config is valid");
         let kv = vec![0; p.num_blocks * p.block_size];
@@ -387,9 +394,10 @@ impl Harness {
         }
     }
 
-    /// A plan with prefill chunks is predicted within `max_step_ms`, or its only
-    /// prefill chunk is a minimum one (at most a block). Decodes (one token, sampled,
-    /// not new) are never cut, so they alone may exceed it.
+    /// A plan with prefill chunks is predicted within `max_step_ms` (its prefill
+    /// chunks within `max_prefill_ms`), or its only prefill chunk is a minimum one (at
+    /// most a block). Decodes (one token, sampled, not new) are never cut, so they
+    /// alone may exceed it.
     fn check_step_cap(&self, plan: &StepPlan) {
         let Some((fixed_ms, per_token_ms, per_context_token_ms, max_ms)) = self.p.cost else {
             return;
@@ -407,7 +415,14 @@ impl Harness {
         if prefills.is_empty() {
             return;
         }
-        let predicted = cost.plan_ms(plan);
+        let predicted = if self.p.prefill_allowance {
+            prefills
+                .iter()
+                .map(|e| cost.entry_ms(e.position, e.num_tokens()))
+                .sum()
+        } else {
+            cost.plan_ms(plan)
+        };
         let lone_min_chunk = prefills.len() == 1 && prefills[0].num_tokens() <= self.p.block_size;
         assert!(
             predicted <= max_ms + 1e-9 || lone_min_chunk,

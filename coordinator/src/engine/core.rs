@@ -260,6 +260,7 @@ impl<E: Executor> Engine<E> {
                 step_cost_per_token_ms = facts.step_cost.per_token_ms,
                 step_cost_per_context_token_ms = facts.step_cost.per_context_token_ms,
                 max_step_ms = ?config.max_step_ms,
+                max_prefill_ms = ?config.max_prefill_ms,
                 max_step = %self.config.max_step,
                 "worker group ready"
             );
@@ -267,6 +268,7 @@ impl<E: Executor> Engine<E> {
                 let mut st = self.shared.stats.lock().expect("stats lock");
                 st.step_cost = facts.step_cost;
                 st.max_step_ms = config.max_step_ms;
+                st.max_prefill_ms = config.max_prefill_ms;
             }
             let mut sched = match Scheduler::new(config) {
                 Ok(s) => s,
@@ -306,16 +308,15 @@ impl<E: Executor> Engine<E> {
         let base = &self.config.scheduler;
         let cost = facts.step_cost;
         let measured = cost != scheduler::StepCost::default();
+        let caps = self.config.max_step.resolve(&cost);
         SchedulerConfig {
             num_blocks: facts.num_blocks,
             block_size: facts.block_size,
             max_model_len: facts.max_context,
             sliding_window: facts.sliding_window.map(|w| w as usize),
             step_cost: measured.then_some(cost),
-            max_step_ms: self
-                .config
-                .max_step
-                .resolve(&cost, base.max_num_seqs, facts.max_context),
+            max_step_ms: caps.max_step_ms,
+            max_prefill_ms: caps.max_prefill_ms,
             ..base.clone()
         }
     }

@@ -58,6 +58,8 @@ pub struct EngineStats {
     pub step_cost: scheduler::StepCost,
     /// The step-time target the scheduler caps prefill with; `None`: no cap.
     pub max_step_ms: Option<f64>,
+    /// The prefill allowance per step (`--max-step-ms auto`); `None`: none.
+    pub max_prefill_ms: Option<f64>,
 }
 
 /// Where each step's wall time went (means are what matter: sum / count).

@@ -1,6 +1,10 @@
 //! The step-time target (`--max-step-ms`): what the operator asked for, and the
-//! `SchedulerConfig::max_step_ms` it becomes for one worker group, from the group's
-//! measured step cost model ([`scheduler::StepCost`]).
+//! scheduler caps it becomes for one worker group ([`StepTarget::resolve`]), from the
+//! group's measured step cost model ([`scheduler::StepCost`]): a number is a cap on
+//! the step's predicted time (`SchedulerConfig::max_step_ms`); `auto` is a prefill
+//! allowance per step (`SchedulerConfig::max_prefill_ms`,
+//! [`scheduler::StepCost::auto_prefill_ms`]: the time of a 512-token chunk), so a step
+//! is its decodes plus at most that much prefill.
 //!
 //! Invariant: a target is resolved again at every group (re-)initialization, from
 //! that group's coefficients; a group that reports no cost (all zeros: the null
@@ -12,15 +16,11 @@ use std::str::FromStr;
 
 use scheduler::StepCost;
 
-/// `auto` assumes decodes read this fraction of the model's context (as
-/// [`StepCost::auto_max_step_ms`] suggests: `max_model_len / 4`).
-pub const AUTO_CONTEXT_DIVISOR: usize = 4;
-
 /// How long one engine step may be predicted to take.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub enum StepTarget {
-    /// [`StepCost::auto_max_step_ms`] of the group's cost model at `max_num_seqs`
-    /// decodes of `max_model_len / AUTO_CONTEXT_DIVISOR` tokens of context.
+    /// Each step's prefill chunks may take [`StepCost::auto_prefill_ms`] of the
+    /// group's cost model (a 512-token chunk's time), on top of its decodes.
     #[default]
     Auto,
     /// No cap: prefill fills the step up to `max_num_batched_tokens`.
@@ -29,21 +29,29 @@ pub enum StepTarget {
     Ms(f64),
 }
 
+/// What a [`StepTarget`] becomes for one group: the scheduler's two caps.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepCaps {
+    /// `SchedulerConfig::max_step_ms`.
+    pub max_step_ms: Option<f64>,
+    /// `SchedulerConfig::max_prefill_ms`.
+    pub max_prefill_ms: Option<f64>,
+}
+
 impl StepTarget {
-    /// `SchedulerConfig::max_step_ms` for a group with cost model `cost`.
-    pub fn resolve(
-        self,
-        cost: &StepCost,
-        max_num_seqs: usize,
-        max_model_len: usize,
-    ) -> Option<f64> {
+    /// The scheduler's caps for a group with cost model `cost`.
+    pub fn resolve(self, cost: &StepCost) -> StepCaps {
         match self {
-            Self::Off => None,
-            Self::Ms(ms) => Some(ms),
-            Self::Auto if *cost == StepCost::default() => None,
-            Self::Auto => {
-                Some(cost.auto_max_step_ms(max_num_seqs, max_model_len / AUTO_CONTEXT_DIVISOR))
-            }
+            Self::Off => StepCaps::default(),
+            Self::Ms(ms) => StepCaps {
+                max_step_ms: Some(ms),
+                max_prefill_ms: None,
+            },
+            Self::Auto if *cost == StepCost::default() => StepCaps::default(),
+            Self::Auto => StepCaps {
+                max_step_ms: None,
+                max_prefill_ms: Some(cost.auto_prefill_ms()),
+            },
         }
     }
 }
@@ -106,16 +114,19 @@ mod tests {
 
     #[test]
     fn auto_follows_the_groups_cost_and_a_zero_cost_means_no_cap() {
-        let auto = StepTarget::Auto.resolve(&COST, 256, 32768).unwrap();
-        assert_eq!(auto, COST.auto_max_step_ms(256, 8192));
+        let auto = StepTarget::Auto.resolve(&COST);
+        // 512 tokens at 0.1 ms each, reading 512 positions at 0.001 ms: 51.712 ms.
+        assert_eq!(auto.max_prefill_ms, Some(0.1 * 512.0 + 0.001 * 512.0));
+        assert_eq!(auto.max_step_ms, None);
+        let none = StepCaps::default();
+        assert_eq!(StepTarget::Auto.resolve(&StepCost::default()), none);
+        assert_eq!(StepTarget::Off.resolve(&COST), none);
         assert_eq!(
-            StepTarget::Auto.resolve(&StepCost::default(), 256, 32768),
-            None
-        );
-        assert_eq!(StepTarget::Off.resolve(&COST, 256, 32768), None);
-        assert_eq!(
-            StepTarget::Ms(5.0).resolve(&StepCost::default(), 1, 2),
-            Some(5.0)
+            StepTarget::Ms(5.0).resolve(&StepCost::default()),
+            StepCaps {
+                max_step_ms: Some(5.0),
+                max_prefill_ms: None
+            }
         );
     }
 }

@@ -7,33 +7,22 @@
 // rows: the same f32 angle and rotation as rope_bf16, one bf16 rounding per element, so
 // its output is bit-identical to those two kernels on the same qkv.
 // Cost: one read of qkv and one write of q plus the two cache rows; the d/2 sin/cos
-// pairs per token are computed once into shared memory (as rope_bf16). Requires
-// d % 16 == 0, d <= 512 and a power-of-two block_size.
+// pairs per token are computed once into shared memory (rope.cu's rope_tables, the
+// same ROPE_THREADS / ROPE_TOKENS). Requires d % 16 == 0, d <= 512 and a power-of-two
+// block_size.
 
-#define ROPE_CACHE_THREADS 256
-#define ROPE_CACHE_TOKENS 4
-
-extern "C" __global__ void __launch_bounds__(ROPE_CACHE_THREADS)
+extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
     rope_qkv_cache_bf16(const bf16* __restrict__ qkv, bf16* __restrict__ q_out,
                         bf16* __restrict__ k_cache, bf16* __restrict__ v_cache,
                         const u32* __restrict__ positions, const u32* __restrict__ slot_mapping,
                         u32 n_tokens, u32 n_heads, u32 n_kv_heads, u32 head_dim,
                         u32 block_shift, float theta) {
     __shared__ float s_inv[256];
-    __shared__ float s_cos[ROPE_CACHE_TOKENS][256], s_sin[ROPE_CACHE_TOKENS][256];
-    const u64 t0 = static_cast<u64>(blockIdx.x) * ROPE_CACHE_TOKENS;
-    const u32 nt = min(static_cast<u64>(ROPE_CACHE_TOKENS), n_tokens - t0);
+    __shared__ float s_cos[ROPE_TOKENS][256], s_sin[ROPE_TOKENS][256];
+    const u64 t0 = static_cast<u64>(blockIdx.x) * ROPE_TOKENS;
+    const u32 nt = min(static_cast<u64>(ROPE_TOKENS), n_tokens - t0);
     const u32 half = head_dim / 2;
-    for (u32 i = threadIdx.x; i < half; i += blockDim.x) {
-        s_inv[i] = 1.0f / static_cast<float>(pow(static_cast<double>(theta), 2.0 * i / head_dim));
-    }
-    __syncthreads();
-    for (u32 j = threadIdx.x; j < nt * half; j += blockDim.x) {
-        const u32 tok = j / half, i = j % half;
-        const float pos = static_cast<float>(positions[t0 + tok]);
-        sincosf(pos * s_inv[i], &s_sin[tok][i], &s_cos[tok][i]);
-    }
-    __syncthreads();
+    rope_tables(s_inv, s_cos, s_sin, positions, t0, nt, head_dim, theta);
     const u64 row = static_cast<u64>(n_heads + 2 * n_kv_heads) * head_dim;
     // Rotation units: 8 pairs of one q or k head; then copy units: 8 elements of one
     // v head.
@@ -59,14 +48,7 @@ extern "C" __global__ void __launch_bounds__(ROPE_CACHE_THREADS)
         const bf16* x = src + static_cast<u64>(head) * head_dim;
         load8(x + c, a);
         load8(x + half + c, b);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const float cs = s_cos[tok][c + i], sn = s_sin[tok][c + i];
-            const float lo = a[i] * cs - b[i] * sn;
-            const float hi = b[i] * cs + a[i] * sn;
-            a[i] = lo;
-            b[i] = hi;
-        }
+        rope_rotate8(a, b, &s_cos[tok][c], &s_sin[tok][c]);
         bf16* y;
         if (head < n_heads) {
             y = q_out + (t * n_heads + head) * head_dim;

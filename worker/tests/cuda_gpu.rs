@@ -215,6 +215,16 @@ fn cuda_init_without_a_driver_is_one_clear_error() {
     assert!(err.contains("no CUDA driver"), "{err}");
 }
 
+/// The CPU f32 reference's teacher-forced logits (TP = 1).
+fn cpu_reference(ckpt: &Checkpoint) -> Vec<Vec<f32>> {
+    let shard = ShardSpec::default();
+    let mut cpu = CpuModel::new(RankWeights::load(ckpt, shard, false).unwrap(), 256, BS);
+    teacher_forced(
+        |s| cpu.forward(s, &mut SoloCollective).unwrap(),
+        ckpt.config.vocab_size,
+    )
+}
+
 #[test]
 #[ignore = "needs a GPU: STRAL_GPU=1"]
 fn tiny_model_on_cuda_matches_the_cpu_reference_teacher_forced() {
@@ -223,8 +233,7 @@ fn tiny_model_on_cuda_matches_the_cpu_reference_teacher_forced() {
     let ckpt = tiny(dir.path());
     let vocab = ckpt.config.vocab_size;
     let shard = ShardSpec::default();
-    let mut cpu = CpuModel::new(RankWeights::load(&ckpt, shard, false).unwrap(), 256, BS);
-    let want = teacher_forced(|s| cpu.forward(s, &mut SoloCollective).unwrap(), vocab);
+    let want = cpu_reference(&ckpt);
     let mut gpu = cuda_model(&ckpt, shard);
     let mut coll = DeviceCollective::solo();
     let got = teacher_forced(|s| gpu.forward(s, &mut coll).unwrap(), vocab);
@@ -246,8 +255,7 @@ fn fast_paths_match_the_cpu_reference_and_the_default_path() {
     let ckpt = tiny(dir.path());
     let vocab = ckpt.config.vocab_size;
     let shard = ShardSpec::default();
-    let mut cpu = CpuModel::new(RankWeights::load(&ckpt, shard, false).unwrap(), 256, BS);
-    let want = teacher_forced(|s| cpu.forward(s, &mut SoloCollective).unwrap(), vocab);
+    let want = cpu_reference(&ckpt);
     let mut gpu = cuda_model(&ckpt, shard);
     let mut coll = DeviceCollective::solo();
     let unfused = teacher_forced(|s| gpu.forward(s, &mut coll).unwrap(), vocab);

@@ -19,7 +19,7 @@ use crate::KernelError;
 /// Threads per block of each kernel; must match the `*_THREADS` defines in the sources.
 const NORM_THREADS: u32 = 256;
 const ROPE_THREADS: u32 = 256;
-const ROPE_TOKENS: usize = 4; // also ROPE_CACHE_THREADS / ROPE_CACHE_TOKENS (rope_cache.cu)
+const ROPE_TOKENS: usize = 4; // rope_bf16 and rope_qkv_cache_bf16 alike
 const CACHE_THREADS: u32 = 128;
 const ELEMENTWISE_THREADS: u32 = 256;
 const EMBED_THREADS: u32 = 256;

@@ -118,8 +118,8 @@ pub struct ServeArgs {
     /// measure at start-up, shown in /metrics as stral_step_cost_*) stays within it,
     /// so a burst of prompts reaches its first tokens over several short steps instead
     /// of one long one. Running decodes are always scheduled. `auto`: each step's
-    /// prefill may take what a 512-token prompt chunk is predicted to take, on top of
-    /// the step's decodes (/metrics: stral_max_prefill_ms), no cap when the workers
+    /// prefill may take what a 512-token prompt chunk is predicted to take (at least 10
+    /// × the per-step fixed cost), on top of the step's decodes (/metrics: stral_max_prefill_ms), no cap when the workers
     /// measure no cost (--worker-backend null); `off` (or `none`): no cap; a number:
     /// the whole step's predicted time, in ms.
     #[arg(

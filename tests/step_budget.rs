@@ -59,12 +59,15 @@ fn auto_is_derived_from_the_measured_cost_and_off_means_no_cap() {
     // auto: no step-time cap, a prefill allowance of a 512-token chunk's predicted
     // time from the exported coefficients.
     assert_eq!(server.metric("stral_max_step_ms"), 0.0);
-    let (per_token, per_ctx) = (server.metric(COST[1]), server.metric(COST[2]));
+    let c: Vec<f64> = COST.iter().map(|m| server.metric(m)).collect();
     let allowance = server.metric("stral_max_prefill_ms");
-    let want = 512.0 * (per_token + per_ctx);
+    let want = (512.0 * (c[1] + c[2])).max(10.0 * c[0]);
     assert!(
         allowance > 0.0 && (allowance - want).abs() <= 1e-9 * want.max(1.0),
-        "auto's prefill allowance {allowance} ms, expected 512 × ({per_token} + {per_ctx}) = {want}"
+        "auto's prefill allowance {allowance} ms, expected max(512 × ({} + {}), 10 × {}) = {want}",
+        c[1],
+        c[2],
+        c[0]
     );
     drop(server);
     let null = Server::start(model_dir(), 1, &["--worker-backend", "null"]);

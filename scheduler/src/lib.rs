@@ -36,7 +36,7 @@ mod scheduler;
 mod sequence;
 
 pub use block_pool::{BlockId, BlockPool, PrefixLink, NO_LINK, NULL_BLOCK};
-pub use config::{SchedulerConfig, StepCost, AUTO_PREFILL_TOKENS};
+pub use config::{SchedulerConfig, StepCost, AUTO_PREFILL_FIXED_FACTOR, AUTO_PREFILL_TOKENS};
 pub use plan::{FinishReason, ScheduledSeq, StepPlan};
 pub use prefix_hash::{prefix_hash, ROOT_HASH};
 pub use scheduler::{Counters, Scheduler};

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use scheduler::{
     Priority, Scheduler, SchedulerConfig, SchedulerError, SeqId, StepCost, StepPlan,
-    AUTO_PREFILL_TOKENS,
+    AUTO_PREFILL_FIXED_FACTOR, AUTO_PREFILL_TOKENS,
 };
 
 /// Roughly the 2-core CPU figures of issue #22 (about 0.12 ms per prefill token, a
@@ -233,10 +233,13 @@ fn aging_admits_a_long_prompt_despite_a_stream_of_short_ones() {
 fn the_auto_rule_is_a_512_token_chunk_and_binds_on_top_of_the_decodes() {
     let allowance = COST.auto_prefill_ms();
     assert_eq!(AUTO_PREFILL_TOKENS, 512);
-    assert!(
-        (allowance - (512.0 * 0.12 + 512.0 * 0.0005)).abs() < 1e-9,
-        "{allowance}"
-    );
+    // 512 × 0.1205 = 61.7 ms, below 10 × the 10 ms fixed cost: the floor rules.
+    assert_eq!(allowance, AUTO_PREFILL_FIXED_FACTOR * COST.fixed_ms);
+    let cheap_steps = StepCost {
+        fixed_ms: 1.0,
+        ..COST
+    };
+    assert!((cheap_steps.auto_prefill_ms() - 512.0 * (0.12 + 0.0005)).abs() < 1e-9);
     // 40 decodes running (context 512) and a 2,000-token prompt: the step holds every
     // decode plus a chunk whose own predicted time is within the allowance — the
     // decodes do not eat into it, and it is not exceeded.

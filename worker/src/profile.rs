@@ -134,8 +134,8 @@ fn shapes(lim: &ProfileLimits, scale: Scale) -> Vec<Shape> {
     let small = (prefill / 4).max(1);
     let seqs = scale.decode_seqs.min(lim.max_seqs).min(lim.max_tokens);
     let few = (seqs / 4).max(1);
-    // A typical context (a quarter of the model's, as the `auto` step target
-    // assumes), as far as the scratch blocks and the context allow.
+    // A typical context (a quarter of the model's), as far as the scratch blocks and
+    // the context allow.
     let room = lim
         .scratch_blocks
         .saturating_sub(seqs.max(small.div_ceil(bs)));
@@ -231,26 +231,15 @@ pub fn step_cost(rank: &mut Rank) -> Result<StepCostModel, WorkerError> {
         scratch_blocks: modelled_limits.scratch_blocks.min(SCRATCH_BLOCKS),
         ..modelled_limits
     };
-    let work = |s: &Shape| {
-        vec![
-            SeqWork {
-                new_tokens: s.tokens as u32,
-                cached: s.position as u32,
-                sample: true,
-            };
-            s.seqs
-        ]
-    };
     let t0 = Instant::now();
     let modelled: Option<Vec<Sample>> = shapes(&modelled_limits, Scale::MODELLED)
         .iter()
         .map(|s| rank.modelled_step_ms(&work(s)).map(|ms| sample(s, ms)))
         .collect();
-    let samples = match modelled {
-        Some(m) => m,
-        None => measure(rank, &limits)?,
+    let cost = match modelled {
+        Some(m) => fit(&m),
+        None => fit(&measure(rank, &limits)?),
     };
-    let cost = fit(&samples);
     tracing::info!(
         rank = rank.rank(),
         fixed_ms = cost.fixed_ms,
@@ -261,6 +250,32 @@ pub fn step_cost(rank: &mut Rank) -> Result<StepCostModel, WorkerError> {
         "step cost model fitted"
     );
     Ok(cost)
+}
+
+/// The cost model a backend with a model of its step time (`step_ms`: the sim's
+/// [`crate::sim::step_time::StepTimeModel`]) reports for `limits`: the same shapes and
+/// fit as [`step_cost`] — what `stral plan` uses to schedule as `stral serve` would.
+pub fn modelled_cost(
+    limits: &ProfileLimits,
+    mut step_ms: impl FnMut(&[SeqWork]) -> f64,
+) -> StepCostModel {
+    let samples: Vec<Sample> = shapes(limits, Scale::MODELLED)
+        .iter()
+        .map(|s| sample(s, step_ms(&work(s))))
+        .collect();
+    fit(&samples)
+}
+
+/// The work of one profiling shape: `seqs` equal entries.
+fn work(s: &Shape) -> Vec<SeqWork> {
+    vec![
+        SeqWork {
+            new_tokens: s.tokens as u32,
+            cached: s.position as u32,
+            sample: true,
+        };
+        s.seqs
+    ]
 }
 
 fn sample(s: &Shape, ms: f64) -> Sample {

@@ -330,11 +330,39 @@ fn simulate_at(
                 max_model_len: cfg.model.max_position_embeddings,
                 max_waiting: usize::MAX / 2,
                 sliding_window: cfg.model.sliding_window.map(|s| s as usize),
-                ..Default::default()
+                ..serve_default_step_caps(cfg, model, blocks)
             },
         },
     )
     .map_err(PlanError::Simulation)
+}
+
+/// The step caps `stral serve` gives this replica by default (`--max-step-ms auto`):
+/// the step cost its sim workers would report (the same profile shapes and fit,
+/// [`worker::profile::modelled_cost`]) and the prefill allowance resolved from it.
+fn serve_default_step_caps(
+    cfg: &PlanConfig,
+    model: &StepTimeModel,
+    blocks: u64,
+) -> scheduler::SchedulerConfig {
+    let limits = worker::profile::ProfileLimits {
+        max_tokens: cfg.max_num_batched_tokens,
+        max_seqs: cfg.max_num_seqs,
+        block_size: cfg.block_size,
+        max_context: cfg.model.max_position_embeddings,
+        scratch_blocks: blocks.saturating_sub(1).min(usize::MAX as u64) as usize,
+    };
+    let fitted = worker::profile::modelled_cost(&limits, |w| model.step(w).total_us * 1e-3);
+    let cost = scheduler::StepCost {
+        fixed_ms: fitted.fixed_ms,
+        per_token_ms: fitted.per_token_ms,
+        per_context_token_ms: fitted.per_context_token_ms,
+    };
+    scheduler::SchedulerConfig {
+        step_cost: Some(cost),
+        max_prefill_ms: Some(cost.auto_prefill_ms()),
+        ..Default::default()
+    }
 }
 
 /// The model and KV blocks per rank of one TP, or why it cannot serve.

@@ -3,7 +3,8 @@
 //! group's measured step cost model ([`scheduler::StepCost`]): a number is a cap on
 //! the step's predicted time (`SchedulerConfig::max_step_ms`); `auto` is a prefill
 //! allowance per step (`SchedulerConfig::max_prefill_ms`,
-//! [`scheduler::StepCost::auto_prefill_ms`]: the time of a 512-token chunk), so a step
+//! [`scheduler::StepCost::auto_prefill_ms`]: the time of a 512-token chunk, at least 10
+//! × the step's fixed cost), so a step
 //! is its decodes plus at most that much prefill.
 //!
 //! Invariant: a target is resolved again at every group (re-)initialization, from
@@ -115,8 +116,10 @@ mod tests {
     #[test]
     fn auto_follows_the_groups_cost_and_a_zero_cost_means_no_cap() {
         let auto = StepTarget::Auto.resolve(&COST);
-        // 512 tokens at 0.1 ms each, reading 512 positions at 0.001 ms: 51.712 ms.
-        assert_eq!(auto.max_prefill_ms, Some(0.1 * 512.0 + 0.001 * 512.0));
+        // 512 tokens at 0.1 ms each, reading 512 positions at 0.001 ms: 51.712 ms,
+        // below 10 × the 10 ms fixed cost.
+        assert_eq!(auto.max_prefill_ms, Some(COST.auto_prefill_ms()));
+        assert_eq!(auto.max_prefill_ms, Some(100.0));
         assert_eq!(auto.max_step_ms, None);
         let none = StepCaps::default();
         assert_eq!(StepTarget::Auto.resolve(&StepCost::default()), none);

@@ -16,6 +16,7 @@
 
 mod api;
 mod core;
+pub mod draft;
 pub mod executor;
 pub mod grpc;
 pub mod step_target;
@@ -29,7 +30,7 @@ pub use api::{
     EngineError, EngineEvent, FinishReason, GenerateRequest, Priority, RequestId, RequestStream,
     SamplingParams, TokenEvent,
 };
-pub use core::{run_engine, EngineConfig};
+pub use core::{run_engine, EngineConfig, Speculative};
 pub use executor::{ExecError, Executor, GroupFacts, StepOutput};
 pub use step_target::StepTarget;
 

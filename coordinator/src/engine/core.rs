@@ -108,6 +108,8 @@ pub fn run_engine<E: Executor>(
         step_time,
         phases,
         requests: HashMap::new(),
+        draft_tokens: 0,
+        accepted_draft_tokens: 0,
         pending: Vec::new(),
         finished: Vec::new(),
         outbox: Outbox {
@@ -219,6 +221,9 @@ struct Engine<E: Executor> {
     step_time: Arc<Histogram>,
     phases: Arc<StepPhases>,
     requests: HashMap<RequestId, Live>,
+    /// Draft tokens verified and accepted since start (metrics).
+    draft_tokens: u64,
+    accepted_draft_tokens: u64,
     /// Token events of the last step, not yet sent (see [`Engine::deliver`]).
     pending: Vec<(RequestId, EngineEvent)>,
     outbox: Outbox,
@@ -731,6 +736,8 @@ impl<E: Executor> Engine<E> {
             if let Some((_, k)) = &mut live.drafts {
                 k.observe(drafts.len(), accepted.len());
             }
+            self.draft_tokens += drafts.len() as u64;
+            self.accepted_draft_tokens += accepted.len() as u64;
             for (i, &token) in accepted.iter().chain([&s.token]).enumerate() {
                 live.generated += 1;
                 live.output.push(token);
@@ -800,6 +807,8 @@ impl<E: Executor> Engine<E> {
         st.prefix_cache_hit_rate = c.prefix_hit_rate();
         st.steps = self.steps;
         st.preemptions = c.preemptions;
+        st.draft_tokens = self.draft_tokens;
+        st.accepted_draft_tokens = self.accepted_draft_tokens;
         st.worker_restarts = self.shared.worker_restarts.load(Ordering::Relaxed);
         st.requests_recovered = self.shared.requests_recovered.load(Ordering::Relaxed);
     }

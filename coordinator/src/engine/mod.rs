@@ -59,6 +59,9 @@ pub struct EngineStats {
     pub step_cost: scheduler::StepCost,
     /// The step-time target the scheduler caps prefill with; `None`: no cap.
     pub max_step_ms: Option<f64>,
+    /// Speculative decoding: draft tokens verified, and those accepted, since start.
+    pub draft_tokens: u64,
+    pub accepted_draft_tokens: u64,
 }
 
 /// Where each step's wall time went (means are what matter: sum / count).

@@ -10,6 +10,12 @@
 //!   rank, so all ranks reject the same plans without talking to each other.
 //! - A failure after the checks (a dead or hung peer, a panic) marks the rank
 //!   failed: it refuses every plan until the next `Init`.
+//! - Speculative entries (`num_drafts > 0`): the forward pass returns logits at all
+//!   `1 + num_drafts` positions and rank 0 verifies the drafts
+//!   ([`SeqSampler::verify`]); only rank 0 learns how many were accepted, so every
+//!   rank keeps `cached` at the committed tokens and accepts a next `position_start`
+//!   up to `num_drafts` beyond it, and applies the plan's table cuts (`truncated`)
+//!   after `freed`.
 //!
 //! Costs per step besides the forward pass: O(Σ block-table lengths) to check and
 //! (for backends that compute) build the attention metadata, O(vocab) per sampled

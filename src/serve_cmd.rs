@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use coordinator::engine::{EngineConfig, StepTarget};
+use coordinator::engine::{EngineConfig, Speculative, StepTarget};
 use coordinator::http::{HttpConfig, DEFAULT_MODEL_NAMES};
 use coordinator::ops::{Ops, OpsConfig};
 use coordinator::serve::ServeConfig;
@@ -173,6 +173,22 @@ pub struct ServeArgs {
     /// Worker-group crashes one request may live through; the next fails it with 503.
     #[arg(long, default_value_t = 2)]
     max_restarts_per_request: u32,
+    /// Speculative decoding's draft source: `ngram` (prompt lookup over each sequence's
+    /// own tokens, verified in one step; exact for greedy, distribution-preserving for
+    /// sampling) or `none`. Default: ngram with CPU workers; none on CUDA (whose
+    /// backend does not verify drafts yet) and with sim or null workers (their
+    /// pseudo-tokens never match a draft).
+    #[arg(long, value_enum)]
+    speculative: Option<SpeculativeArg>,
+    /// Most draft tokens one sequence verifies per step (k adapts per sequence below it).
+    #[arg(long, default_value_t = 8)]
+    num_speculative_tokens: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SpeculativeArg {
+    Ngram,
+    None,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -418,6 +434,22 @@ impl ServeArgs {
             })?,
             max_restarts_per_request: self.max_restarts_per_request,
             max_step: self.max_step_ms,
+            speculative: {
+                let cuda = matches!(self.device, Device::Cuda);
+                // Sim and null workers answer pseudo-tokens no draft ever matches:
+                // speculating there only adds (modelled) verification work.
+                let pseudo = !matches!(self.worker_backend, WorkerBackend::Cpu);
+                match self.speculative {
+                    Some(SpeculativeArg::Ngram) if cuda => anyhow::bail!(
+                        "--speculative ngram is not supported with --device cuda yet (the CUDA backend does not verify drafts)"
+                    ),
+                    Some(SpeculativeArg::Ngram) => Speculative::Ngram,
+                    Some(SpeculativeArg::None) => Speculative::None,
+                    None if cuda || pseudo => Speculative::None,
+                    None => Speculative::Ngram,
+                }
+            },
+            num_speculative_tokens: self.num_speculative_tokens,
             ..EngineConfig::default()
         })
     }

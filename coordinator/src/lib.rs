@@ -15,7 +15,7 @@
 //! | [`serve`] | wiring: tokenizer, local workers ([`launch`]), engine, router; shutdown |
 //! | [`http`] | routes, request schemas ([`http::schema`]), handlers, JSON and SSE rendering |
 //! | [`ops`] | the gate in front of `/v1/*`: keys, limits, usage, aliases, upstream fallback |
-//! | [`engine`] | the step loop, its handle, the executor trait and its gRPC implementation |
+//! | [`engine`] | the step loop, its handle, the executor trait and its gRPC implementation, prompt-lookup drafts ([`engine::draft`]) |
 //! | [`prompt`] | FIM and chat token layouts, conversation checks ([`prompt::PromptError`]) |
 //! | [`tokenizer`] | the Codestral SentencePiece tokenizer and its control ids |
 //! | [`detok`] | incremental detokenization and stop strings |

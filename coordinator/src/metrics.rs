@@ -69,6 +69,21 @@ impl Metrics {
                 engine.steps,
             ),
             (
+                "stral_spec_draft_tokens_total",
+                "Speculative draft tokens verified (prompt lookup).",
+                engine.draft_tokens,
+            ),
+            (
+                "stral_spec_accepted_tokens_total",
+                "Speculative draft tokens accepted.",
+                engine.accepted_draft_tokens,
+            ),
+            (
+                "stral_spec_rejected_tokens_total",
+                "Speculative draft tokens rejected.",
+                engine.draft_tokens - engine.accepted_draft_tokens,
+            ),
+            (
                 "stral_preemptions_total",
                 "Sequences preempted by recompute.",
                 engine.preemptions,

@@ -5,9 +5,17 @@
 //! forward pass (ARCHITECTURE §6), nothing more: sampling parameters are the
 //! coordinator's to attach to entries with `reset` set.
 //!
-//! Invariants of every plan: at most `max_num_batched_tokens` tokens in all and at
-//! most `max_num_seqs` entries; one entry per sequence; an id in `freed` is not
-//! scheduled again in the same plan unless its entry has `reset` set.
+//! Invariants of every plan: at most `max_num_batched_tokens` tokens in all (draft
+//! tokens included) and at most `max_num_seqs` entries; one entry per sequence; an id
+//! in `freed` is not scheduled again in the same plan unless its entry has `reset`
+//! set; an entry with drafts is a decode (one committed token, `sample` set) whose
+//! drafts fit its `max_tokens` and the token limit even if all are accepted.
+//!
+//! Speculative entries: the forward pass computes the committed token and then the
+//! draft tokens at the following positions (blocks for all of them are in the table);
+//! the caller reports the accepted drafts plus one token (ARCHITECTURE §4), and the
+//! scheduler rolls the rest back in the same `update`. Workers learn the rollback from
+//! the next plan's [`StepPlan::truncated`].
 //!
 //! Costs: token ids and block ids of all entries live in two flat vectors, so a plan
 //! of any size is four allocations.
@@ -31,15 +39,22 @@ pub struct ScheduledSeq {
     /// the coordinator attaches the request's sampling parameters.
     pub reset: bool,
     pub(crate) tokens: (u32, u32),
+    /// Draft token ids, right after `tokens` in the plan's flat vector.
+    pub(crate) drafts: (u32, u32),
     pub(crate) new_blocks: (u32, u32),
     /// Where the scheduler keeps this sequence (checked against `seq_id` before use).
     pub(crate) slot: u32,
 }
 
 impl ScheduledSeq {
-    /// Tokens this step computes for the sequence.
+    /// Tokens this step computes for the sequence: committed tokens and drafts.
     pub fn num_tokens(&self) -> usize {
-        (self.tokens.1 - self.tokens.0) as usize
+        (self.tokens.1 - self.tokens.0 + self.drafts.1 - self.drafts.0) as usize
+    }
+
+    /// Draft tokens this step verifies (0 for a plain entry).
+    pub fn num_drafts(&self) -> usize {
+        (self.drafts.1 - self.drafts.0) as usize
     }
 }
 
@@ -54,6 +69,10 @@ pub struct StepPlan {
     /// aborted or preempted since the previous plan. Workers ignore ids they do not
     /// hold (a sequence whose only plan was dropped).
     pub freed: Vec<SeqId>,
+    /// Block tables cut back since the previous plan (rejected draft positions), as
+    /// `(seq, table length)`: applied after `freed`, before `seqs`. Workers ignore
+    /// ids they do not hold.
+    pub truncated: Vec<(SeqId, usize)>,
     pub(crate) tokens: Vec<u32>,
     pub(crate) blocks: Vec<BlockId>,
 }
@@ -66,6 +85,12 @@ impl StepPlan {
         &self.tokens[seq.tokens.0 as usize..seq.tokens.1 as usize]
     }
 
+    /// Draft tokens of `seq`, at positions after its committed tokens: what the step
+    /// verifies. Empty for a plain entry.
+    pub fn drafts(&self, seq: &ScheduledSeq) -> &[u32] {
+        &self.tokens[seq.drafts.0 as usize..seq.drafts.1 as usize]
+    }
+
     /// Block ids appended to `seq`'s block table this step, in table order; on a
     /// `reset` entry, the whole table. [`crate::NULL_BLOCK`] stands where a block lies
     /// wholly outside the sliding window: workers never read it.
@@ -75,7 +100,7 @@ impl StepPlan {
 
     /// Nothing to run and nothing to drop.
     pub fn is_empty(&self) -> bool {
-        self.seqs.is_empty() && self.freed.is_empty()
+        self.seqs.is_empty() && self.freed.is_empty() && self.truncated.is_empty()
     }
 
     /// Tokens computed by this step (what the budget counts).

@@ -3,7 +3,9 @@
 //!
 //! Policy of [`Scheduler::schedule`], in order:
 //! 1. release blocks that fell wholly outside the sliding window (if any);
-//! 2. running decodes, highest priority first, one token each;
+//! 2. running decodes, highest priority first, one token each plus the drafts proposed
+//!    by [`Scheduler::set_draft`] that fit (speculative decoding: budget, cap, free
+//!    blocks, `max_tokens`; drafts never preempt);
 //! 3. running prefills in prefill order (below), each a chunk of what remains of its
 //!    prompt, as large as the remaining token budget and step-time cap allow (chunked
 //!    prefill);
@@ -161,19 +163,32 @@ impl StepBuilder {
         fits
     }
 
-    /// The predicted ms of an entry: (its step-cap share, its prefill share). A
-    /// decode (one sampled token of a running sequence, not a new admission) has no
-    /// prefill share.
-    fn entry_ms(&self, position: usize, n: usize, sample: bool, reset: bool) -> (f64, f64) {
-        let step = self.cap.map_or(0.0, |(cost, _)| cost.entry_ms(position, n));
+    /// The predicted ms of an entry of `n` committed tokens and `drafts` draft tokens:
+    /// (its step-cap share, its prefill share). A decode (one sampled committed token
+    /// of a running sequence, not a new admission, with its drafts) has no prefill
+    /// share.
+    fn entry_ms(
+        &self,
+        position: usize,
+        n: usize,
+        drafts: usize,
+        sample: bool,
+        reset: bool,
+    ) -> (f64, f64) {
+        let all = n + drafts;
+        let step = self
+            .cap
+            .map_or(0.0, |(cost, _)| cost.entry_ms(position, all));
         let decode = n == 1 && sample && !reset;
         let prefill = match self.prefill_cap {
-            Some((cost, _)) if !decode => cost.entry_ms(position, n),
+            Some((cost, _)) if !decode => cost.entry_ms(position, all),
             _ => 0.0,
         };
         (step, prefill)
     }
 
+    /// Adds an entry of `n` committed tokens at `position`, then the sequence's
+    /// in-flight drafts.
     fn push(
         &mut self,
         seq: &Sequence,
@@ -187,6 +202,9 @@ impl StepBuilder {
         let tokens_start = plan.tokens.len() as u32;
         plan.tokens
             .extend_from_slice(&seq.tokens[position..position + n]);
+        let tokens_end = plan.tokens.len() as u32;
+        plan.tokens.extend_from_slice(&seq.in_flight_drafts);
+        let k = seq.in_flight_drafts.len();
         let blocks_start = plan.blocks.len() as u32;
         plan.blocks
             .extend_from_slice(&seq.table.blocks()[first_new_block..]);
@@ -195,14 +213,15 @@ impl StepBuilder {
             position,
             sample: position + n == seq.tokens.len(),
             reset,
-            tokens: (tokens_start, plan.tokens.len() as u32),
+            tokens: (tokens_start, tokens_end),
+            drafts: (tokens_end, plan.tokens.len() as u32),
             new_blocks: (blocks_start, plan.blocks.len() as u32),
             slot,
         });
-        self.budget -= n;
+        self.budget -= n + k;
         self.scheduled += 1;
         let sample = position + n == seq.tokens.len();
-        let (step_ms, prefill_ms) = self.entry_ms(position, n, sample, reset);
+        let (step_ms, prefill_ms) = self.entry_ms(position, n, k, sample, reset);
         self.predicted_ms += step_ms;
         self.prefill_ms += prefill_ms;
         (self.plan.seqs.len() - 1) as u32
@@ -211,11 +230,11 @@ impl StepBuilder {
     /// Takes back the entry of a sequence preempted after it was scheduled.
     fn withdraw(&mut self, plan_slot: u32) {
         let entry = &self.plan.seqs[plan_slot as usize];
-        let (position, n) = (entry.position, entry.num_tokens());
+        let (position, n, drafts) = (entry.position, entry.num_tokens(), entry.num_drafts());
         let (sample, reset) = (entry.sample, entry.reset);
         self.budget += n;
         self.scheduled -= 1;
-        let (step_ms, prefill_ms) = self.entry_ms(position, n, sample, reset);
+        let (step_ms, prefill_ms) = self.entry_ms(position, n - drafts, drafts, sample, reset);
         self.predicted_ms -= step_ms;
         self.prefill_ms -= prefill_ms;
         self.withdrawn.push(plan_slot);
@@ -254,6 +273,8 @@ pub struct Scheduler {
     waiting: [VecDeque<u32>; 3],
     /// Ids whose worker state must be dropped, announced by the next plan.
     pending_freed: Vec<SeqId>,
+    /// Tables cut back by `update` (rejected drafts), announced by the next plan.
+    pending_truncated: Vec<(SeqId, usize)>,
     prefix_hit_tokens: u64,
     prefix_queried_tokens: u64,
     preemptions: u64,
@@ -284,6 +305,7 @@ impl Scheduler {
             running: Vec::with_capacity(config.max_num_seqs),
             waiting: Default::default(),
             pending_freed: Vec::new(),
+            pending_truncated: Vec::new(),
             prefix_hit_tokens: 0,
             prefix_queried_tokens: 0,
             preemptions: 0,
@@ -375,6 +397,25 @@ impl Scheduler {
         true
     }
 
+    /// Proposes draft tokens to follow `id`'s last token in its next decode step
+    /// (speculative decoding). The next `schedule` takes what fits — the step's token
+    /// budget (keeping one token for every other running sequence), the step-time cap,
+    /// free blocks (drafts never preempt), `max_tokens` and the token limit — and
+    /// verifies it in one step; a sequence that is not decoding ignores it. Replaces
+    /// an earlier proposal; returns whether `id` is running.
+    pub fn set_draft(&mut self, id: SeqId, draft: &[u32]) -> bool {
+        let Some(slot) = self.seqs.slot_of(id) else {
+            return false;
+        };
+        let seq = self.seqs.get_mut(slot);
+        seq.draft.clear();
+        if seq.state != SeqState::Running {
+            return false;
+        }
+        seq.draft.extend_from_slice(draft);
+        true
+    }
+
     /// Whether a `schedule` call would produce a non-empty plan.
     pub fn has_work(&self) -> bool {
         !self.running.is_empty() || self.num_waiting() > 0 || !self.pending_freed.is_empty()
@@ -411,6 +452,7 @@ impl Scheduler {
             plan: StepPlan {
                 seqs: Vec::with_capacity(self.running.len() + 8),
                 freed: std::mem::take(&mut self.pending_freed),
+                truncated: std::mem::take(&mut self.pending_truncated),
                 tokens: Vec::with_capacity(self.running.len() + 64),
                 blocks: Vec::new(),
             },
@@ -447,7 +489,10 @@ impl Scheduler {
 
     /// Applies a step's results: registers the blocks it completed in the prefix
     /// cache, appends each sampled token (`(seq, token)`; at most one per entry with
-    /// `sample`, fastest in plan order), ends the sequences in `stopped` (the caller
+    /// `sample`, fastest in plan order; an entry with drafts takes consecutive tokens
+    /// while each but the last equals the draft at its place — the accepted drafts,
+    /// then the token after them — and its table is cut back to what the committed
+    /// tokens need, the cut announced in the next plan's `truncated`), ends the sequences in `stopped` (the caller
     /// saw a stop condition; any state) and those that reached their length. Returns
     /// the sequences that ended, each once; workers learn it from the next plan's
     /// `freed`.
@@ -464,7 +509,8 @@ impl Scheduler {
         let bs = self.config.block_size;
         for entry in &plan.seqs {
             if let Some(seq) = self.seqs.running_mut(entry.slot, entry.seq_id) {
-                seq.register_computed((entry.position + entry.num_tokens()) / bs, &mut self.pool);
+                let committed = entry.position + entry.num_tokens() - entry.num_drafts();
+                seq.register_computed(committed / bs, &mut self.pool);
             }
         }
         let mut in_order = plan.seqs.iter().filter(|e| e.sample).peekable();
@@ -474,7 +520,15 @@ impl Scheduler {
                 None => self.seqs.slot_of(id),
             };
             if let Some(seq) = slot.and_then(|slot| self.seqs.running_mut(slot, id)) {
-                if seq.num_computed == seq.tokens.len() {
+                // The first token, then more only while the previous one was the
+                // draft at its place (an accepted draft).
+                let got = seq.tokens.len() - seq.num_computed;
+                let takes = got == 0
+                    || seq
+                        .in_flight_drafts
+                        .get(got - 1)
+                        .is_some_and(|&d| seq.tokens.last() == Some(&d));
+                if takes {
                     seq.push_token(token, bs);
                 }
             }
@@ -490,9 +544,22 @@ impl Scheduler {
             let Some(seq) = self.seqs.running_mut(entry.slot, entry.seq_id) else {
                 continue;
             };
-            if seq.num_computed == seq.tokens.len() {
-                seq.num_computed -= 1;
-            } else if seq.generated() >= seq.max_tokens || seq.tokens.len() >= self.token_limit {
+            let speculated = !std::mem::take(&mut seq.in_flight_drafts).is_empty();
+            let got = seq.tokens.len() - seq.num_computed;
+            // Accepted drafts have their KV computed; the token after them has not.
+            seq.num_computed = (seq.num_computed + got).max(1) - 1;
+            if speculated {
+                let keep = blocks_for(seq.num_computed + usize::from(got == 0), bs);
+                if seq.table.len() > keep {
+                    seq.table.truncate(keep, &mut self.pool);
+                    self.pending_truncated.push((entry.seq_id, keep));
+                }
+                seq.register_computed(seq.num_computed / bs, &mut self.pool);
+            }
+            if got == 0 {
+                continue;
+            }
+            if seq.generated() >= seq.max_tokens || seq.tokens.len() >= self.token_limit {
                 self.remove(entry.slot);
                 finished.push((entry.seq_id, FinishReason::Length));
             }
@@ -523,6 +590,7 @@ impl Scheduler {
             }
         }
         seq.table.release_all(&mut self.pool);
+        self.pending_truncated.retain(|&(id, _)| id != seq.id);
         if seq.on_workers {
             self.pending_freed.push(seq.id);
         }
@@ -533,6 +601,7 @@ impl Scheduler {
     fn requeue(&mut self, r: RunningSeq) -> bool {
         let seq = self.seqs.get_mut(r.slot);
         seq.rewind(&mut self.pool);
+        self.pending_truncated.retain(|&(id, _)| id != r.id);
         self.waiting[r.priority as usize].push_front(r.slot);
         self.preemptions += 1;
         std::mem::take(&mut seq.on_workers)
@@ -546,6 +615,7 @@ impl Scheduler {
         }
         if self.requeue(r) {
             step.plan.freed.push(r.id);
+            step.plan.truncated.retain(|&(id, _)| id != r.id);
         }
         step.preempted = true;
     }
@@ -615,7 +685,42 @@ impl Scheduler {
             }
         }
         step.prefills += usize::from(!decodes);
+        let k = if decodes {
+            self.drafts_that_fit(i, step)
+        } else {
+            0
+        };
+        let seq = self.seqs.get_mut(self.running[i].slot);
+        seq.in_flight_drafts = std::mem::take(&mut seq.draft);
+        seq.in_flight_drafts.truncate(k);
         self.run_chunk(i, n, step);
+    }
+
+    /// How many of `running[i]`'s proposed drafts its decode may verify this step
+    /// (see [`Scheduler::set_draft`]); its blocks for one token are already free.
+    fn drafts_that_fit(&self, i: usize, step: &StepBuilder) -> usize {
+        let bs = self.config.block_size;
+        let seq = self.seqs.get(self.running[i].slot);
+        if seq.draft.is_empty() {
+            return 0;
+        }
+        let after = seq.num_computed + 1;
+        let reserve = self.running.len() - i - 1;
+        let room_in_blocks = (seq.table.len() + self.pool.num_free()) * bs - after;
+        let mut k = seq
+            .draft
+            .len()
+            .min(seq.max_tokens.saturating_sub(seq.generated() + 1))
+            .min(self.token_limit.saturating_sub(seq.tokens.len() + 1))
+            .min(step.budget.saturating_sub(1 + reserve))
+            .min(room_in_blocks);
+        if let Some((cost, max_ms)) = step.cap {
+            let base = step.predicted_ms;
+            while k > 0 && base + cost.entry_ms(seq.num_computed, 1 + k) > max_ms {
+                k -= 1;
+            }
+        }
+        k
     }
 
     /// Adds a chunk of `n` tokens of `running[i]` to the step, allocating its blocks
@@ -625,7 +730,8 @@ impl Scheduler {
         let seq = self.seqs.get_mut(r.slot);
         let position = seq.num_computed;
         let first_new = seq.table.len();
-        while seq.table.len() * self.config.block_size < position + n {
+        let k = seq.in_flight_drafts.len();
+        while seq.table.len() * self.config.block_size < position + n + k {
             seq.table.push(self.pool.allocate().expect("room was made"));
         }
         seq.num_computed += n;

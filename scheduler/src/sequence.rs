@@ -9,7 +9,9 @@
 //! - `block_hashes[i]` is the prefix hash of full block `i` of `tokens`;
 //! - the leading `num_registered` full blocks are in the prefix chain, which continues
 //!   at `cache_parent`;
-//! - table entries `..num_released` are [`NULL_BLOCK`] (released by the window).
+//! - table entries `..num_released` are [`NULL_BLOCK`] (released by the window);
+//! - `tokens` holds committed tokens only: drafts live in `draft` and in the plan, and
+//!   `block_hashes` never covers a draft.
 //!
 //! Costs: appending a token is O(1) plus one [`prefix_hash()`] per filled block;
 //! releasing a table is O(blocks). The slab gives O(1) access by slot (what the step
@@ -46,6 +48,16 @@ impl BlockTable {
             pool.release(b);
         }
         self.0.clear();
+    }
+
+    /// Releases the entries from `len` on, last first.
+    pub(crate) fn truncate(&mut self, len: usize, pool: &mut BlockPool) {
+        while self.0.len() > len {
+            let b = self.0.pop().expect("longer than len");
+            if b != NULL_BLOCK {
+                pool.release(b);
+            }
+        }
     }
 
     /// Releases entry `i` and leaves the null block in its place.
@@ -86,6 +98,11 @@ pub(crate) struct Sequence {
     /// It was preempted at least once: while waiting, it goes before fresh requests
     /// of its (aged) class.
     pub(crate) requeued: bool,
+    /// Draft tokens proposed for the next step (consumed by `schedule`).
+    pub(crate) draft: Vec<u32>,
+    /// Drafts of the plan in flight: the tokens that come back are accepted drafts
+    /// (a prefix of these) and then one more.
+    pub(crate) in_flight_drafts: Vec<u32>,
 }
 
 impl Sequence {
@@ -121,6 +138,8 @@ impl Sequence {
             num_released: 0,
             on_workers: false,
             requeued: false,
+            draft: Vec::new(),
+            in_flight_drafts: Vec::new(),
         }
     }
 
@@ -177,6 +196,8 @@ impl Sequence {
         self.cache_parent = PrefixLink::ROOT;
         self.num_released = 0;
         self.requeued = true;
+        self.draft.clear();
+        self.in_flight_drafts.clear();
     }
 }
 

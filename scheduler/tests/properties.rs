@@ -12,7 +12,15 @@
 //! KV slot a step reads holds exactly the prefix of the sequence reading it — which
 //! catches a wrong prefix-cache hit, a block freed while still used, or a stale table.
 //! For every update: the sequences that end are exactly those expected, with the
-//! right reason. At the end: every request ended and every block is free — also under
+//! right reason.
+//!
+//! Speculative steps: before each step a third of the running sequences propose
+//! random drafts; a plan's drafts are a prefix of the proposal, only on decodes, and
+//! fit `max_tokens` and the token limit; the step then accepts a random number of
+//! them (sometimes followed by a stray token the scheduler must ignore). The KV
+//! written at rejected positions is garbage to the model, so the read check above
+//! catches any rollback that keeps a rejected position as computed, and the mirror
+//! (which applies `truncated`) catches a table not cut back. At the end: every request ended and every block is free — also under
 //! a step-time cap, so nothing starves.
 //!
 //! Half the cases run with a step cost model and a `max_step_ms` cap or a
@@ -338,6 +346,18 @@ impl Harness {
 
     fn step(&mut self, seed: u64, abort_victim: Option<&Index>) {
         self.now += 1;
+        let mut proposed = HashMap::new();
+        for &id in self.live.keys() {
+            let r = splitmix(seed ^ id.wrapping_mul(0x51ed));
+            if r % 3 != 0 || self.sched.block_table(id).unwrap().is_empty() {
+                continue;
+            }
+            let draft: Vec<u32> = (0..(r >> 4) % 7)
+                .map(|j| (splitmix(r ^ j) % u64::from(VOCAB)) as u32)
+                .collect();
+            assert!(self.sched.set_draft(id, &draft), "{id} runs");
+            proposed.insert(id, draft);
+        }
         let waiting_before: Vec<SeqId> = self
             .live
             .keys()
@@ -347,7 +367,7 @@ impl Harness {
         let plan = self.sched.schedule(self.now);
         self.check_step_cap(&plan);
         self.check_prefill_order(&plan, &waiting_before);
-        self.check_plan(&plan);
+        self.check_plan(&plan, &proposed);
         if let Some(victim) = abort_victim.filter(|_| !plan.seqs.is_empty()) {
             let id = plan.seqs[victim.index(plan.seqs.len())].seq_id;
             assert!(self.sched.abort(id));
@@ -361,19 +381,31 @@ impl Harness {
         for (k, entry) in plan.seqs.iter().filter(|e| e.sample).enumerate() {
             let r = splitmix(seed ^ k as u64);
             let id = entry.seq_id;
+            let committed = entry.num_tokens() - entry.num_drafts();
             if r % 16 == 1 {
                 // The token is lost: the sequence recomputes its last position.
                 if self.live.contains_key(&id) {
-                    self.workers.get_mut(&id).unwrap().computed -= 1;
+                    self.workers.get_mut(&id).unwrap().computed = entry.position + committed - 1;
                 }
                 continue;
             }
-            let token = (r >> 8) as u32 % VOCAB;
-            sampled.push((id, token));
+            let drafts = plan.drafts(entry);
+            let accepted = (r >> 40) as usize % (drafts.len() + 1);
+            let mut tokens = drafts[..accepted].to_vec();
+            tokens.push((r >> 8) as u32 % VOCAB);
+            sampled.extend(tokens.iter().map(|&t| (id, t)));
+            if accepted < drafts.len() && tokens[accepted] != drafts[accepted] && r & (1 << 50) != 0
+            {
+                // Past the first mismatch nothing more is taken.
+                sampled.push((id, (r >> 20) as u32 % VOCAB));
+            }
             let Some(req) = self.live.get_mut(&id) else {
                 continue;
             };
-            req.push(token);
+            for &t in &tokens {
+                req.push(t);
+            }
+            self.workers.get_mut(&id).unwrap().computed = entry.position + committed + accepted;
             if r.is_multiple_of(16) {
                 stopped.push(id);
                 expected.insert(id, FinishReason::Stopped);
@@ -410,7 +442,7 @@ impl Harness {
         let prefills: Vec<_> = plan
             .seqs
             .iter()
-            .filter(|e| !(e.num_tokens() == 1 && e.sample && !e.reset))
+            .filter(|e| !(e.num_tokens() - e.num_drafts() == 1 && e.sample && !e.reset))
             .collect();
         if prefills.is_empty() {
             return;
@@ -466,7 +498,7 @@ impl Harness {
     }
 
     /// Checks a plan against the request model and applies it to the workers' mirror.
-    fn check_plan(&mut self, plan: &StepPlan) {
+    fn check_plan(&mut self, plan: &StepPlan, proposed: &HashMap<SeqId, Vec<u32>>) {
         let bs = self.p.block_size;
         assert!(plan.num_tokens() <= self.p.budget, "budget exceeded");
         assert!(plan.seqs.len() <= self.p.max_seqs, "max_num_seqs exceeded");
@@ -479,6 +511,12 @@ impl Harness {
             );
             assert!(!ids.contains(id) || plan.seqs.iter().any(|e| e.seq_id == *id && e.reset));
         }
+        let limit = self.sched.token_limit();
+        for &(id, len) in &plan.truncated {
+            let w = self.workers.get_mut(&id).expect("truncated a held table");
+            assert!(len < w.table.len(), "a cut shortens the table");
+            w.table.truncate(len);
+        }
         // Reads: every position a query attends to holds this sequence's prefix.
         for e in &plan.seqs {
             let req = self
@@ -486,9 +524,26 @@ impl Harness {
                 .get(&e.seq_id)
                 .expect("only live sequences are scheduled");
             let n = e.num_tokens();
-            assert!(n > 0);
-            assert_eq!(plan.tokens(e), &req.tokens[e.position..e.position + n]);
-            assert_eq!(e.sample, e.position + n == req.tokens.len());
+            let k = e.num_drafts();
+            let committed = n - k;
+            assert!(committed > 0);
+            assert_eq!(
+                plan.tokens(e),
+                &req.tokens[e.position..e.position + committed]
+            );
+            assert_eq!(e.sample, e.position + committed == req.tokens.len());
+            if k > 0 {
+                assert!(
+                    committed == 1 && e.sample && !e.reset,
+                    "drafts only on decodes"
+                );
+                assert!(proposed[&e.seq_id].starts_with(plan.drafts(e)));
+                assert!(
+                    req.generated() + 1 + k <= req.max_tokens,
+                    "drafts past max_tokens"
+                );
+                assert!(req.tokens.len() + 1 + k <= limit, "drafts past the limit");
+            }
             if e.reset {
                 let fresh = WorkerSeq {
                     table: plan.new_blocks(e).to_vec(),
@@ -536,6 +591,13 @@ impl Harness {
         for e in &plan.seqs {
             let req = &self.live[&e.seq_id];
             let w = self.workers.get_mut(&e.seq_id).unwrap();
+            let committed = e.num_tokens() - e.num_drafts();
+            // What the KV at a draft position would be if the draft were accepted.
+            let mut content = req.content[..e.position + committed].to_vec();
+            for &d in plan.drafts(e) {
+                let prev = *content.last().unwrap();
+                content.push(splitmix(prev ^ u64::from(d)) | 1);
+            }
             for q in e.position..e.position + e.num_tokens() {
                 let b = w.table[q / bs];
                 let slot = b as usize * bs + q % bs;
@@ -546,11 +608,11 @@ impl Harness {
                 );
                 if self.sched.pool().ref_count(b) > 1 {
                     assert_eq!(
-                        self.kv[slot], req.content[q],
+                        self.kv[slot], content[q],
                         "a write changes shared block {b}"
                     );
                 }
-                self.kv[slot] = req.content[q];
+                self.kv[slot] = content[q];
             }
             w.computed = e.position + e.num_tokens();
         }

@@ -458,3 +458,81 @@ fn invalid_configs_are_refused() {
         ));
     }
 }
+
+#[test]
+fn a_draft_is_verified_in_one_step_and_its_rejected_positions_are_rolled_back() {
+    // Block size 4; a 6-token prompt decodes at position 6 with 5 drafts, which need
+    // positions 6..12: blocks 1 and 2 (block 0 holds positions 0..4).
+    let mut sched = Scheduler::new(config(16, 4, 64)).unwrap();
+    sched
+        .add(0, vec![9, 8, 7, 6, 5, 4], 32, Priority::Interactive, 0)
+        .unwrap();
+    let plan = sched.schedule(0);
+    sched.update(&plan, &[(0, 3)], &[]);
+    let free_before = sched.pool().num_free();
+    assert!(sched.set_draft(0, &[10, 11, 12, 13, 14]));
+    let plan = sched.schedule(1);
+    let e = &plan.seqs[0];
+    assert_eq!((e.position, e.num_tokens(), e.num_drafts()), (6, 6, 5));
+    assert_eq!(plan.tokens(e), &[3]);
+    assert_eq!(plan.drafts(e), &[10, 11, 12, 13, 14]);
+    assert_eq!(
+        sched.block_table(0).unwrap().len(),
+        3,
+        "blocks for every draft"
+    );
+    // Two drafts accepted, then the token that replaces the third; a stray token after
+    // the mismatch is ignored.
+    let finished = sched.update(&plan, &[(0, 10), (0, 11), (0, 99), (0, 13)], &[]);
+    assert!(finished.is_empty());
+    // Committed: 6 prompt + 3 + 10 + 11 have KV (positions 0..9), 99 waits at 9.
+    assert_eq!(
+        sched.block_table(0).unwrap().len(),
+        3,
+        "positions 0..9 need 3 blocks"
+    );
+    let plan = sched.schedule(2);
+    assert_eq!(plan.truncated, vec![]);
+    let e = &plan.seqs[0];
+    assert_eq!((e.position, plan.tokens(e)), (9, &[99][..]));
+    // Now every draft is rejected: the table is cut back to what position 10 needs.
+    sched.update(&plan, &[(0, 5)], &[]);
+    assert!(sched.set_draft(0, &[1, 2, 3, 4, 5, 6, 7, 8]));
+    let plan = sched.schedule(3);
+    assert_eq!(plan.seqs[0].num_drafts(), 8);
+    assert_eq!(sched.block_table(0).unwrap().len(), 5, "positions 10..19");
+    sched.update(&plan, &[(0, 42)], &[]);
+    assert_eq!(sched.block_table(0).unwrap().len(), 3);
+    assert_eq!(
+        sched.pool().num_free(),
+        free_before - 1,
+        "one block more than before the drafts"
+    );
+    let plan = sched.schedule(4);
+    assert_eq!(plan.truncated, vec![(0, 3)], "workers learn the cut");
+    assert_eq!((plan.seqs[0].position, plan.seqs[0].num_drafts()), (11, 0));
+}
+
+#[test]
+fn drafts_stop_at_max_tokens_and_leave_budget_for_other_decodes() {
+    let mut sched = Scheduler::new(config(64, 4, 3)).unwrap();
+    for id in 0..2 {
+        sched.add(id, vec![1], 4, Priority::Interactive, 0).unwrap();
+    }
+    let plan = sched.schedule(0);
+    sched.update(&plan, &[(0, 1), (1, 1)], &[]);
+    sched.set_draft(0, &[5, 5, 5, 5, 5]);
+    let plan = sched.schedule(1);
+    // Budget 3: one token kept for sequence 1, so one draft for sequence 0.
+    assert_eq!(
+        plan.seqs.iter().map(|e| e.num_drafts()).collect::<Vec<_>>(),
+        vec![1, 0]
+    );
+    sched.update(&plan, &[(0, 5), (0, 6), (1, 2)], &[]);
+    // Sequence 0 generated 3 of 4: no draft fits, whatever the budget.
+    sched.set_draft(0, &[7, 7]);
+    let plan = sched.schedule(2);
+    assert_eq!(entry(&plan, 0).unwrap().num_drafts(), 0);
+    let finished = sched.update(&plan, &[(0, 7), (1, 3)], &[]);
+    assert_eq!(finished, vec![(0, scheduler::FinishReason::Length)]);
+}

@@ -28,6 +28,8 @@ pub struct Step<'a> {
     pub sliding_window: Option<u32>,
     /// When the step began (the sim's modelled time runs from here).
     pub started: Instant,
+    /// Per chunk, the draft tokens at its end (speculative decoding); empty: none.
+    pub drafts: Vec<usize>,
     input: OnceCell<StepInput>,
 }
 
@@ -43,14 +45,33 @@ impl<'a> Step<'a> {
             block_size,
             sliding_window,
             started,
+            drafts: Vec::new(),
             input: OnceCell::new(),
         }
     }
 
+    /// The same step where chunk `i` ends in `drafts[i]` draft tokens, whose logits
+    /// are wanted too.
+    pub fn with_drafts(mut self, drafts: Vec<usize>) -> Self {
+        self.drafts = drafts;
+        self
+    }
+
+    /// Whether any chunk carries drafts.
+    pub fn has_drafts(&self) -> bool {
+        self.drafts.iter().any(|&k| k > 0)
+    }
+
     /// Tokens, attention metadata and logit rows (built once, O(Σ block-table lengths)).
     pub fn input(&self) -> &StepInput {
-        self.input
-            .get_or_init(|| StepInput::build(self.block_size, self.sliding_window, &self.chunks))
+        self.input.get_or_init(|| {
+            StepInput::build_speculative(
+                self.block_size,
+                self.sliding_window,
+                &self.chunks,
+                &self.drafts,
+            )
+        })
     }
 }
 

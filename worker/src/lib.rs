@@ -20,7 +20,7 @@
 //! | [`profile`] | the step cost model: scratch steps timed at `Init` (or the backend's own model), the fit |
 //! | [`backend`] | the `Backend` trait, the CPU and null backends, what `Init` hands a backend |
 //! | [`cuda`] (`cuda::init`) / [`sim`] | the CUDA backend and its `Init` / the sim backend and its `Init`, GPU table, step-time model |
-//! | [`model`], [`sampler`] | the CPU forward pass and step input / per-sequence sampling |
+//! | [`model`], [`sampler`] | the CPU forward pass and step input / per-sequence sampling and draft verification |
 //! | [`checkpoint`], [`safetensors_io`], [`config`], [`synth`], [`embedded`] | weights and model shapes |
 //! | [`collective`], [`tcp_collective`], [`local`] | all-reduce and gather between ranks; an in-process TP group |
 //! | [`fault`] | the test-only crash hook (`STRAL_FAULT_CRASH_ON_TOKEN`) |

@@ -437,6 +437,18 @@ pub struct SeqChunk<'a> {
 impl StepInput {
     /// Builds a step (tokens, metadata, logit rows) from per-sequence chunks.
     pub fn build(block_size: usize, sliding_window: Option<u32>, chunks: &[SeqChunk<'_>]) -> Self {
+        Self::build_speculative(block_size, sliding_window, chunks, &[])
+    }
+
+    /// [`StepInput::build`] where chunk `i` (with `sample`) ends in `drafts[i]` draft
+    /// tokens (missing entries: 0): its logits are wanted at its last `1 + drafts[i]`
+    /// positions, in position order (speculative verification in one pass).
+    pub fn build_speculative(
+        block_size: usize,
+        sliding_window: Option<u32>,
+        chunks: &[SeqChunk<'_>],
+        drafts: &[usize],
+    ) -> Self {
         let max_blocks = chunks
             .iter()
             .map(|c| c.block_table.len())
@@ -452,7 +464,7 @@ impl StepInput {
             },
             ..Default::default()
         };
-        for c in chunks {
+        for (i, c) in chunks.iter().enumerate() {
             s.tokens.extend_from_slice(c.tokens);
             s.meta.q_indptr.push(s.tokens.len() as u32);
             s.meta.ctx_lens.push((c.cached + c.tokens.len()) as u32);
@@ -461,7 +473,9 @@ impl StepInput {
                 .block_tables
                 .extend(std::iter::repeat_n(0, max_blocks - c.block_table.len()));
             if c.sample && !c.tokens.is_empty() {
-                s.logit_rows.push(s.tokens.len() as u32 - 1);
+                let rows = (1 + drafts.get(i).copied().unwrap_or(0)).min(c.tokens.len()) as u32;
+                let end = s.tokens.len() as u32;
+                s.logit_rows.extend(end - rows..end);
             }
         }
         s

@@ -196,10 +196,12 @@ fn plan(shape: Shape, bs: usize, vocab: usize, step: u64) -> StepPlan {
                 sample: true,
                 sampling: Some(SamplingParams::default()),
                 reset: true,
+                num_drafts: 0,
             }
         })
         .collect();
     StepPlan {
+        truncated: Vec::new(),
         step,
         seqs,
         freed: Vec::new(),

@@ -10,6 +10,12 @@
 //!   rank, so all ranks reject the same plans without talking to each other.
 //! - A failure after the checks (a dead or hung peer, a panic) marks the rank
 //!   failed: it refuses every plan until the next `Init`.
+//! - Speculative entries (`num_drafts > 0`): the forward pass returns logits at all
+//!   `1 + num_drafts` positions and rank 0 verifies the drafts
+//!   ([`SeqSampler::verify`]); only rank 0 learns how many were accepted, so every
+//!   rank keeps `cached` at the committed tokens and accepts a next `position_start`
+//!   up to `num_drafts` beyond it, and applies the plan's table cuts (`truncated`)
+//!   after `freed`.
 //!
 //! Costs per step besides the forward pass: O(Σ block-table lengths) to check and
 //! (for backends that compute) build the attention metadata, O(vocab) per sampled
@@ -56,8 +62,11 @@ pub struct Rank {
 /// What a worker mirrors of one sequence.
 struct SeqState {
     block_table: Vec<u32>,
-    /// Tokens in the KV cache.
+    /// Tokens in the KV cache (committed ones: drafts not counted).
     cached: usize,
+    /// Drafts of its last step: the next position may be up to this many past
+    /// `cached` (the accepted ones, which only rank 0 saw).
+    draft_slack: usize,
     sampler: SeqSampler,
 }
 
@@ -92,7 +101,7 @@ impl<'p> Commit<'p> {
                     (Cow::Borrowed(t), Some(_)) => Some(t.to_vec()),
                     (Cow::Borrowed(_), None) => None,
                 },
-                cached: c.cached + c.seq.tokens.len(),
+                cached: c.cached + c.seq.tokens.len() - c.seq.num_drafts as usize,
                 seq: c.seq,
                 fresh: c.fresh,
             })
@@ -185,6 +194,12 @@ impl Rank {
             lim.sliding_window,
             started,
         );
+        let drafts: Vec<usize> = checked.iter().map(|c| c.seq.num_drafts as usize).collect();
+        let step = if drafts.iter().any(|&k| k > 0) {
+            step.with_drafts(drafts)
+        } else {
+            step
+        };
         self.backend.validate(&step)?;
         let logits = match self.backend.forward(&step) {
             Ok(l) => l,
@@ -196,33 +211,54 @@ impl Rank {
             }
         };
         drop(step);
-        let sampled = self.commit(Commit::from_checked(checked), &freed);
+        let sampled = self.commit(Commit::from_checked(checked), &freed, plan);
         let tokens = match logits {
             Some(logits) => sample_rows(&self.seqs, &sampled, &logits, lim.vocab)?,
             None if self.rank == 0 => sampled
                 .iter()
-                .map(|id| SampledToken {
-                    seq_id: *id,
-                    token_id: sim::pseudo_token(*id, self.seqs[id].cached),
+                .map(|&(id, _)| SampledToken {
+                    seq_id: id,
+                    token_id: sim::pseudo_token(id, self.seqs[&id].cached),
                     logprob: None,
                     top_logprobs: Vec::new(),
+                    accepted: 0,
                 })
                 .collect(),
             None => Vec::new(),
         };
-        for id in &sampled {
-            if let Some(st) = self.seqs.get_mut(id) {
-                st.sampler.advance();
+        // Rank 0 counts every token it returned; the other ranks never sample, and
+        // count one per step.
+        let counts = tokens.iter().map(|t| (t.seq_id, 1 + t.accepted));
+        let counts: Vec<(u64, u32)> = if self.rank == 0 {
+            counts.collect()
+        } else {
+            sampled.iter().map(|&(id, _)| (id, 1)).collect()
+        };
+        for (id, n) in counts {
+            if let Some(st) = self.seqs.get_mut(&id) {
+                for _ in 0..n {
+                    st.sampler.advance();
+                }
             }
         }
         Ok(tokens)
     }
 
     /// The plan ran, so its diffs become the mirrored state; returns the sampled ids
-    /// in plan order.
-    fn commit(&mut self, commits: Vec<Commit<'_>>, freed: &HashSet<u64>) -> Vec<u64> {
+    /// in plan order, each with its draft tokens.
+    fn commit<'p>(
+        &mut self,
+        commits: Vec<Commit<'p>>,
+        freed: &HashSet<u64>,
+        plan: &StepPlan,
+    ) -> Vec<(u64, &'p [u32])> {
         for id in freed {
             self.seqs.remove(id);
+        }
+        for cut in &plan.truncated {
+            if let Some(st) = self.seqs.get_mut(&cut.seq_id) {
+                st.block_table.truncate(cut.table_len as usize);
+            }
         }
         let mut sampled = Vec::new();
         for Commit {
@@ -239,6 +275,7 @@ impl Rank {
                         SeqState {
                             block_table: table.unwrap_or_default(),
                             cached,
+                            draft_slack: seq.num_drafts as usize,
                             sampler,
                         },
                     );
@@ -249,38 +286,54 @@ impl Rank {
                         st.block_table = t;
                     }
                     st.cached = cached;
+                    st.draft_slack = seq.num_drafts as usize;
                 }
             }
             if seq.sample {
-                sampled.push(seq.seq_id);
+                let drafts = &seq.tokens[seq.tokens.len() - seq.num_drafts as usize..];
+                sampled.push((seq.seq_id, drafts));
             }
         }
         sampled
     }
 }
 
-/// Rank 0: one token per sampled sequence (rows of `logits`, in `ids` order), in
-/// parallel; the samplers are not advanced.
+/// Rank 0: one token per sampled sequence (rows of `logits`: `1 + drafts` per
+/// sequence, in `ids` order), after verifying its drafts, in parallel; the samplers
+/// are not advanced.
 fn sample_rows(
     seqs: &HashMap<u64, SeqState>,
-    ids: &[u64],
+    ids: &[(u64, &[u32])],
     logits: &[f32],
     vocab: usize,
 ) -> Result<Vec<SampledToken>, WorkerError> {
-    if logits.len() != ids.len() * vocab {
+    let rows: usize = ids.iter().map(|(_, d)| 1 + d.len()).sum();
+    if logits.len() != rows * vocab {
         return Err(WorkerError::Step(format!(
-            "internal: {} logits for {} sampled sequences",
+            "internal: {} logits for {} sampled sequences ({rows} rows)",
             logits.len(),
             ids.len()
         )));
     }
+    let mut spans = Vec::with_capacity(ids.len());
+    let mut at = 0;
+    for (_, d) in ids {
+        spans.push(&logits[at * vocab..(at + 1 + d.len()) * vocab]);
+        at += 1 + d.len();
+    }
     Ok(ids
         .par_iter()
-        .zip(logits.par_chunks(vocab))
-        .map(|(id, row)| {
-            let s = seqs[id].sampler.peek(row);
+        .zip(spans.par_iter())
+        .map(|(&(id, drafts), rows)| {
+            let sampler = &seqs[&id].sampler;
+            let mut out = if drafts.is_empty() {
+                vec![sampler.peek(rows)]
+            } else {
+                sampler.clone().verify(rows, drafts)
+            };
+            let s = out.pop().expect("verification returns a token");
             SampledToken {
-                seq_id: *id,
+                seq_id: id,
                 token_id: s.token,
                 logprob: s.logprob,
                 top_logprobs: s
@@ -288,6 +341,7 @@ fn sample_rows(
                     .into_iter()
                     .map(|(token_id, logprob)| TokenLogprob { token_id, logprob })
                     .collect(),
+                accepted: out.len() as u32,
             }
         })
         .collect())
@@ -326,6 +380,12 @@ fn check_plan<'a, 'p: 'a>(
         if s.tokens.is_empty() {
             return Err(err("no new tokens".into()));
         }
+        if s.num_drafts > 0 && !(s.sample && s.num_drafts as usize + 1 == s.tokens.len()) {
+            return Err(err(format!(
+                "{} drafts need one committed token before them and sample set",
+                s.num_drafts
+            )));
+        }
         if let Some(t) = s.tokens.iter().find(|&&t| t as usize >= lim.vocab) {
             return Err(err(format!(
                 "token id {t} is outside the vocabulary of {}",
@@ -345,21 +405,34 @@ fn check_plan<'a, 'p: 'a>(
         };
         let checked = match known {
             Some(st) => {
-                if s.position_start as usize != st.cached {
+                let position = s.position_start as usize;
+                if position < st.cached || position > st.cached + st.draft_slack {
                     return Err(err(format!(
-                        "position_start {} but the worker has {} tokens cached",
-                        s.position_start, st.cached
+                        "position_start {} but the worker has {} tokens cached (+{} drafts)",
+                        s.position_start, st.cached, st.draft_slack
                     )));
                 }
-                let block_table = if s.new_blocks.is_empty() {
-                    Cow::Borrowed(&st.block_table[..])
+                let cut = plan
+                    .truncated
+                    .iter()
+                    .find(|c| c.seq_id == id)
+                    .map(|c| c.table_len as usize);
+                if let Some(len) = cut.filter(|&len| len > st.block_table.len()) {
+                    return Err(err(format!(
+                        "a cut to {len} blocks of a table of {}",
+                        st.block_table.len()
+                    )));
+                }
+                let kept = &st.block_table[..cut.unwrap_or(st.block_table.len())];
+                let block_table = if s.new_blocks.is_empty() && cut.is_none() {
+                    Cow::Borrowed(kept)
                 } else {
-                    Cow::Owned([&st.block_table[..], &s.new_blocks[..]].concat())
+                    Cow::Owned([kept, &s.new_blocks[..]].concat())
                 };
                 Checked {
                     seq: s,
                     block_table,
-                    cached: st.cached,
+                    cached: position,
                     fresh: None,
                 }
             }

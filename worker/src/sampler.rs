@@ -167,19 +167,95 @@ impl SeqSampler {
     /// function of (seed, generated count, logits), so rows can be sampled in parallel.
     pub fn peek(&self, logits: &[f32]) -> Sampled {
         let p = &self.params;
-        let banned: &[u32] = if self.generated < p.min_tokens {
-            &p.stop_token_ids
-        } else {
-            &[]
-        };
-        let token = if p.temperature == 0.0 || p.top_k == 1 {
+        let banned = self.banned();
+        let token = if self.greedy() {
             argmax_allowed(logits, banned)
         } else {
-            let mut rng = self.rng.clone();
-            rng.set_word_pos(2 * u128::from(self.generated));
-            let u: f64 = rng.random();
-            draw(logits, banned, p, u)
+            draw(logits, banned, p, self.uniform(0))
         };
+        self.with_logprobs(logits, token)
+    }
+
+    /// Verifies `drafts` (speculative decoding) from `rows`: `1 + drafts.len()` rows
+    /// of logits, row `i` at the position after draft `i - 1` (row 0 after the last
+    /// committed token). Returns the accepted drafts and then one more token, and
+    /// counts them all as generated.
+    ///
+    /// Greedy: drafts are accepted while each equals the argmax of its row, then the
+    /// argmax of the next row follows — exactly the tokens plain greedy decoding
+    /// gives. Sampling: standard speculative rejection sampling with a deterministic
+    /// draft (q one-hot): draft `d` is accepted with probability `p(d)`, `p` the row's
+    /// distribution after temperature, top-k and top-p exactly as [`Self::sample`]
+    /// filters it; on rejection the token is drawn from `p` without `d`, renormalised
+    /// (`normalize(max(p − q, 0))`); after all drafts, the last row is sampled
+    /// plainly. Each emitted token is thus distributed exactly as plain sampling's.
+    /// The acceptance draw of generated token `g` uses the uniform at word `2·g` of
+    /// stream 1 of the request's ChaCha8 generator, the token draw the same offset of
+    /// stream 0 (plain sampling's), so a seeded request is reproducible and a step
+    /// without drafts samples exactly as [`Self::sample`].
+    pub fn verify(&mut self, rows: &[f32], drafts: &[u32]) -> Vec<Sampled> {
+        let vocab = rows.len() / (drafts.len() + 1);
+        debug_assert_eq!(rows.len(), vocab * (drafts.len() + 1));
+        let mut out = Vec::with_capacity(drafts.len() + 1);
+        for (i, row) in rows.chunks_exact(vocab).enumerate() {
+            let draft = drafts.get(i).copied();
+            let banned = self.banned();
+            let token = if self.greedy() {
+                argmax_allowed(row, banned)
+            } else {
+                match candidates(row, banned, &self.params) {
+                    None => argmax_allowed(row, banned),
+                    Some(mut cands) => {
+                        let accepted = draft.filter(|&d| {
+                            let mass: f64 = cands.iter().map(|c| c.1 as f64).sum();
+                            let p_d = cands.iter().find(|c| c.0 == d).map_or(0.0, |c| c.1 as f64);
+                            self.uniform(1) * mass < p_d
+                        });
+                        match accepted {
+                            Some(d) => d,
+                            None => {
+                                if let Some(d) = draft {
+                                    cands.retain(|c| c.0 != d);
+                                }
+                                pick(&cands, self.uniform(0))
+                                    .unwrap_or_else(|| argmax_allowed(row, banned))
+                            }
+                        }
+                    }
+                }
+            };
+            out.push(self.with_logprobs(row, token));
+            self.advance();
+            if draft != Some(token) {
+                break;
+            }
+        }
+        out
+    }
+
+    fn greedy(&self) -> bool {
+        self.params.temperature == 0.0 || self.params.top_k == 1
+    }
+
+    /// Stop ids banned for the next token (before `min_tokens`), sorted.
+    fn banned(&self) -> &[u32] {
+        if self.generated < self.params.min_tokens {
+            &self.params.stop_token_ids
+        } else {
+            &[]
+        }
+    }
+
+    /// The uniform number in [0, 1) for the next generated token on `stream`.
+    fn uniform(&self, stream: u64) -> f64 {
+        let mut rng = self.rng.clone();
+        rng.set_stream(stream);
+        rng.set_word_pos(2 * u128::from(self.generated));
+        rng.random()
+    }
+
+    fn with_logprobs(&self, logits: &[f32], token: u32) -> Sampled {
+        let p = &self.params;
         let (logprob, top_logprobs) = match p.logprobs {
             Some(n) => {
                 let lse = log_sum_exp(logits);
@@ -215,13 +291,37 @@ fn argmax_allowed(logits: &[f32], banned: &[u32]) -> u32 {
 /// Draws with uniform `u ∈ [0, 1)` from the temperature/top-k/top-p filtered
 /// distribution. Non-finite logits never get sampled.
 fn draw(logits: &[f32], banned: &[u32], p: &SamplingParams, u: f64) -> u32 {
+    match candidates(logits, banned, p) {
+        Some(cands) => pick(&cands, u).unwrap_or_else(|| argmax_allowed(logits, banned)),
+        None => argmax_allowed(logits, banned),
+    }
+}
+
+/// The token whose cumulative weight first exceeds `u ×` the total; the last one
+/// when rounding leaves `u ×` total unreached; `None` when there are none.
+fn pick(cands: &[(u32, f32)], u: f64) -> Option<u32> {
+    let mass: f64 = cands.iter().map(|c| c.1 as f64).sum();
+    let target = u * mass;
+    let mut acc = 0.0;
+    for &(id, w) in cands {
+        acc += w as f64;
+        if acc > target {
+            return Some(id);
+        }
+    }
+    cands.last().map(|c| c.0)
+}
+
+/// The temperature/top-k/top-p filtered distribution as `(id, unnormalised weight)`;
+/// `None` when no allowed logit is finite.
+fn candidates(logits: &[f32], banned: &[u32], p: &SamplingParams) -> Option<Vec<(u32, f32)>> {
     let allowed = |i: usize| logits[i].is_finite() && banned.binary_search(&(i as u32)).is_err();
     let max = (0..logits.len())
         .filter(|&i| allowed(i))
         .map(|i| logits[i])
         .fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
-        return argmax_allowed(logits, banned);
+        return None;
     }
     let inv_t = 1.0 / p.temperature;
     // Unnormalised probabilities; the maximum has weight 1.
@@ -283,18 +383,7 @@ fn draw(logits: &[f32], banned: &[u32], p: &SamplingParams, u: f64) -> u32 {
             .map_or(cands.len(), |i| i + 1);
         cands.truncate(keep);
     }
-    let mass: f64 = cands.iter().map(|c| c.1 as f64).sum();
-    let target = u * mass;
-    let mut acc = 0.0;
-    for &(id, w) in &cands {
-        acc += w as f64;
-        if acc > target {
-            return id;
-        }
-    }
-    cands
-        .last()
-        .map_or_else(|| argmax_allowed(logits, banned), |c| c.0)
+    Some(cands)
 }
 
 /// `ln Σ exp(logits)`, in f64.
@@ -464,6 +553,152 @@ mod tests {
             c[0] > 0 && c[1] > 0 && c[2..].iter().all(|&x| x == 0),
             "{c:?}"
         );
+    }
+
+    /// The distribution plain sampling draws from, computed independently: softmax
+    /// at temperature `t`, the `top_k` best kept, then the smallest nucleus of mass
+    /// `top_p`, renormalised.
+    fn filtered_probs(logits: &[f32], t: f32, top_k: usize, top_p: f64) -> Vec<f64> {
+        let p = softmax(logits, t);
+        let mut order: Vec<usize> = (0..p.len()).collect();
+        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+        order.truncate(top_k);
+        let kept: f64 = order.iter().map(|&i| p[i]).sum();
+        let mut out = vec![0.0; p.len()];
+        let mut acc = 0.0;
+        for &i in &order {
+            out[i] = p[i] / kept;
+            acc += p[i] / kept;
+            if acc >= top_p {
+                break;
+            }
+        }
+        let mass: f64 = out.iter().sum();
+        out.into_iter().map(|x| x / mass).collect()
+    }
+
+    /// χ² critical values at p = 0.001 for 1..=7 degrees of freedom.
+    const CHI2_P001: [f64; 7] = [10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32];
+
+    fn chi_square_ok(counts: &[usize], probs: &[f64]) -> (f64, f64) {
+        let dof = probs.iter().filter(|&&p| p > 0.0).count() - 1;
+        (chi_square(counts, probs), CHI2_P001[dof - 1])
+    }
+
+    #[test]
+    fn greedy_verification_takes_the_argmax_prefix_then_the_next_argmax() {
+        let mut rows = Vec::new();
+        for best in [3usize, 5, 1, 6] {
+            let mut row = vec![0f32; 8];
+            row[best] = 4.0;
+            rows.extend(row);
+        }
+        let mut s = SeqSampler::new(params(0.0, 1.0, 0, 0), 8).unwrap();
+        let tokens: Vec<u32> = s
+            .verify(&rows, &[3, 5, 2])
+            .iter()
+            .map(|t| t.token)
+            .collect();
+        assert_eq!(
+            tokens,
+            vec![3, 5, 1],
+            "two drafts accepted, the third replaced"
+        );
+        assert_eq!(s.generated(), 3);
+        let mut s = SeqSampler::new(params(0.0, 1.0, 0, 0), 8).unwrap();
+        let tokens: Vec<u32> = s
+            .verify(&rows, &[3, 5, 1])
+            .iter()
+            .map(|t| t.token)
+            .collect();
+        assert_eq!(
+            tokens,
+            vec![3, 5, 1, 6],
+            "every draft accepted, then the bonus token"
+        );
+        let mut s = SeqSampler::new(params(0.0, 1.0, 0, 0), 8).unwrap();
+        assert_eq!(
+            s.verify(&rows[..16], &[0])[0].token,
+            3,
+            "a wrong first draft"
+        );
+    }
+
+    #[test]
+    fn rejection_sampling_draws_exactly_the_plain_distribution_with_top_k_and_top_p() {
+        // Two drafts: row 0 after the committed token, row 1 after draft 0. The
+        // drafts come from another distribution (uniform over the vocabulary, also
+        // over tokens top-k/top-p filter out). Token 0 must follow row 0's filtered
+        // distribution, and token 1 — emitted only when draft 0 was accepted — row 1's.
+        let row0 = LOGITS;
+        let row1: [f32; 8] = [-1.0, 0.0, 2.5, 0.3, 1.2, -0.2, 0.8, 1.9];
+        let (t, top_k, top_p) = (0.8f32, 6u32, 0.9f32);
+        // Row 2 (after draft 1) only matters when both drafts are accepted.
+        let rows: Vec<f32> = row0
+            .iter()
+            .chain(&row1)
+            .chain(row0.iter().rev())
+            .copied()
+            .collect();
+        let mut first = vec![0usize; 8];
+        let mut second = vec![0usize; 8];
+        let (mut accepted, mut rejected) = (0, 0);
+        let mut draft_rng = ChaCha8Rng::seed_from_u64(77);
+        for seed in 0..40_000 {
+            let d0 = (draft_rng.random::<u32>() % 8) as u32;
+            let d1 = (draft_rng.random::<u32>() % 8) as u32;
+            let mut s = SeqSampler::new(params(t, top_p, top_k, seed), 8).unwrap();
+            let out = s.verify(&rows, &[d0, d1]);
+            first[out[0].token as usize] += 1;
+            if out[0].token == d0 {
+                accepted += 1;
+                second[out[1].token as usize] += 1;
+            } else {
+                rejected += 1;
+                assert_eq!(out.len(), 1, "nothing after a rejection");
+            }
+        }
+        assert!(
+            accepted > 5_000 && rejected > 5_000,
+            "{accepted} / {rejected}"
+        );
+        let p0 = filtered_probs(&row0, t, top_k as usize, top_p as f64);
+        let p1 = filtered_probs(&row1, t, top_k as usize, top_p as f64);
+        for (counts, p) in [(&first, &p0), (&second, &p1)] {
+            let (chi, critical) = chi_square_ok(counts, p);
+            assert!(
+                chi < critical,
+                "χ² = {chi} ≥ {critical}: {counts:?} vs {p:?}"
+            );
+        }
+        // The same draws against the unfiltered softmax are far off: the test can fail.
+        let (chi, critical) = chi_square_ok(&first, &softmax(&row0, t));
+        assert!(
+            chi > 10.0 * critical,
+            "χ² against the wrong distribution only {chi}"
+        );
+    }
+
+    #[test]
+    fn verification_is_reproducible_per_seed_and_without_drafts_equals_sampling() {
+        let rows: Vec<f32> = LOGITS.iter().chain(LOGITS.iter().rev()).copied().collect();
+        let run = |seed| {
+            let mut s = SeqSampler::new(params(1.0, 1.0, 0, seed), 8).unwrap();
+            (0..20)
+                .flat_map(|_| s.verify(&rows, &[1]))
+                .map(|t| t.token)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(4), run(4));
+        assert_ne!(run(4), run(5));
+        let mut plain = SeqSampler::new(params(1.0, 1.0, 0, 9), 8).unwrap();
+        let mut verified = SeqSampler::new(params(1.0, 1.0, 0, 9), 8).unwrap();
+        for _ in 0..50 {
+            assert_eq!(
+                plain.sample(&LOGITS),
+                verified.verify(&LOGITS, &[]).remove(0)
+            );
+        }
     }
 
     #[test]

@@ -249,6 +249,7 @@ impl Req {
             .collect();
         self.table.extend(&new_blocks);
         let seq = ScheduledSeq {
+            num_drafts: 0,
             seq_id: self.id,
             tokens: known[self.cached..self.cached + take].to_vec(),
             position_start: self.cached as u32,
@@ -294,6 +295,7 @@ async fn generate(group: &mut Group, reqs: &mut [Req], free: &mut Vec<u32>) {
         let want: Vec<u64> = seqs.iter().filter(|s| s.sample).map(|s| s.seq_id).collect();
         let res = group
             .run(StepPlan {
+                truncated: Vec::new(),
                 seqs,
                 ..Default::default()
             })
@@ -380,6 +382,7 @@ async fn bad_plans_answer_errors_change_nothing_and_the_worker_keeps_serving() {
     let mut group = Group::open(&mut clients).await;
     let early = group
         .run(StepPlan {
+            truncated: Vec::new(),
             seqs: vec![Req::new(1, prompt(3, 0), 1, greedy()).schedule(&mut free_list())],
             ..Default::default()
         })
@@ -394,6 +397,7 @@ async fn bad_plans_answer_errors_change_nothing_and_the_worker_keeps_serving() {
         let seq = a.schedule(&mut free);
         let r = group
             .run(StepPlan {
+                truncated: Vec::new(),
                 seqs: vec![seq],
                 ..Default::default()
             })
@@ -402,6 +406,7 @@ async fn bad_plans_answer_errors_change_nothing_and_the_worker_keeps_serving() {
         a.out.extend(r.tokens.iter().map(|t| t.token_id));
     }
     let new_seq = |id: u64, tokens: Vec<u32>, blocks: Vec<u32>| ScheduledSeq {
+        num_drafts: 0,
         seq_id: id,
         tokens,
         new_blocks: blocks,
@@ -410,6 +415,7 @@ async fn bad_plans_answer_errors_change_nothing_and_the_worker_keeps_serving() {
         ..Default::default()
     };
     let a_decode = ScheduledSeq {
+        num_drafts: 0,
         seq_id: a.id,
         tokens: vec![*a.out.last().unwrap()],
         position_start: a.cached as u32,
@@ -424,7 +430,9 @@ async fn bad_plans_answer_errors_change_nothing_and_the_worker_keeps_serving() {
     let bad: Vec<(StepPlan, &str)> = vec![
         (
             StepPlan {
+                truncated: Vec::new(),
                 seqs: vec![ScheduledSeq {
+                    num_drafts: 0,
                     sampling: None,
                     ..new_seq(99, vec![1], vec![free[0]])
                 }],
@@ -434,6 +442,7 @@ async fn bad_plans_answer_errors_change_nothing_and_the_worker_keeps_serving() {
         ),
         (
             StepPlan {
+                truncated: Vec::new(),
                 seqs: vec![new_seq(99, vec![1], vec![NUM_BLOCKS])],
                 ..Default::default()
             },
@@ -441,6 +450,7 @@ async fn bad_plans_answer_errors_change_nothing_and_the_worker_keeps_serving() {
         ),
         (
             StepPlan {
+                truncated: Vec::new(),
                 seqs: vec![new_seq(99, vec![1024], vec![free[0]])],
                 ..Default::default()
             },
@@ -448,6 +458,7 @@ async fn bad_plans_answer_errors_change_nothing_and_the_worker_keeps_serving() {
         ),
         (
             StepPlan {
+                truncated: Vec::new(),
                 seqs: vec![new_seq(99, vec![1; 9], vec![free[0]])],
                 ..Default::default()
             },
@@ -455,6 +466,7 @@ async fn bad_plans_answer_errors_change_nothing_and_the_worker_keeps_serving() {
         ),
         (
             StepPlan {
+                truncated: Vec::new(),
                 seqs: vec![new_seq(99, vec![], vec![free[0]])],
                 ..Default::default()
             },
@@ -462,7 +474,9 @@ async fn bad_plans_answer_errors_change_nothing_and_the_worker_keeps_serving() {
         ),
         (
             StepPlan {
+                truncated: Vec::new(),
                 seqs: vec![ScheduledSeq {
+                    num_drafts: 0,
                     position_start: 32_768,
                     ..new_seq(99, vec![1], vec![free[0]])
                 }],
@@ -472,7 +486,9 @@ async fn bad_plans_answer_errors_change_nothing_and_the_worker_keeps_serving() {
         ),
         (
             StepPlan {
+                truncated: Vec::new(),
                 seqs: vec![ScheduledSeq {
+                    num_drafts: 0,
                     sampling: Some(SamplingParams {
                         temperature: -1.0,
                         ..greedy()
@@ -485,7 +501,9 @@ async fn bad_plans_answer_errors_change_nothing_and_the_worker_keeps_serving() {
         ),
         (
             StepPlan {
+                truncated: Vec::new(),
                 seqs: vec![ScheduledSeq {
+                    num_drafts: 0,
                     position_start: a.cached as u32 + 1,
                     ..a_decode.clone()
                 }],
@@ -495,7 +513,9 @@ async fn bad_plans_answer_errors_change_nothing_and_the_worker_keeps_serving() {
         ),
         (
             StepPlan {
+                truncated: Vec::new(),
                 seqs: vec![ScheduledSeq {
+                    num_drafts: 0,
                     reset: true,
                     ..a_decode.clone()
                 }],
@@ -505,6 +525,7 @@ async fn bad_plans_answer_errors_change_nothing_and_the_worker_keeps_serving() {
         ),
         (
             StepPlan {
+                truncated: Vec::new(),
                 seqs: vec![a_decode.clone(), a_decode.clone()],
                 ..Default::default()
             },
@@ -513,6 +534,7 @@ async fn bad_plans_answer_errors_change_nothing_and_the_worker_keeps_serving() {
         // A valid decode of A next to a bad sequence: A must not advance.
         (
             StepPlan {
+                truncated: Vec::new(),
                 seqs: vec![a_decode.clone(), new_seq(99, vec![5000], vec![])],
                 ..Default::default()
             },
@@ -521,6 +543,7 @@ async fn bad_plans_answer_errors_change_nothing_and_the_worker_keeps_serving() {
         // Freeing A next to a bad sequence: A must not be freed.
         (
             StepPlan {
+                truncated: Vec::new(),
                 seqs: vec![new_seq(99, vec![1], vec![NUM_BLOCKS + 5])],
                 freed: vec![a.id],
                 ..Default::default()
@@ -542,6 +565,7 @@ async fn bad_plans_answer_errors_change_nothing_and_the_worker_keeps_serving() {
     free.retain(|b| !a_decode.new_blocks.contains(b));
     let r = group
         .run(StepPlan {
+            truncated: Vec::new(),
             seqs: vec![a_decode.clone()],
             freed: vec![12345],
             ..Default::default()
@@ -771,6 +795,7 @@ async fn a_dead_peer_breaks_the_group_until_it_is_initialized_again() {
     let t0 = std::time::Instant::now();
     let res = group
         .run_all(StepPlan {
+            truncated: Vec::new(),
             seqs: vec![b.schedule(&mut free)],
             ..Default::default()
         })
@@ -835,6 +860,7 @@ async fn run_worker_serves_over_tcp() {
 /// blocks starting at block `first`.
 fn fresh_seq(id: u64, n: usize, first: u32, blocks: u32) -> ScheduledSeq {
     ScheduledSeq {
+        num_drafts: 0,
         seq_id: id,
         tokens: prompt(n, id as usize),
         position_start: 0,
@@ -868,6 +894,7 @@ async fn steps_are_bounded_by_the_sizes_init_set_and_the_worker_keeps_serving() 
     // the context needs. Each is an error that changes nothing.
     let over_tokens = group
         .run(StepPlan {
+            truncated: Vec::new(),
             seqs: vec![fresh_seq(1, 12_000, 0, 3000), fresh_seq(2, 1, 3000, 1)],
             ..Default::default()
         })
@@ -881,6 +908,7 @@ async fn steps_are_bounded_by_the_sizes_init_set_and_the_worker_keeps_serving() 
     );
     let over_seqs = group
         .run(StepPlan {
+            truncated: Vec::new(),
             seqs: (0..5).map(|i| fresh_seq(10 + i, 1, i as u32, 1)).collect(),
             ..Default::default()
         })
@@ -895,6 +923,7 @@ async fn steps_are_bounded_by_the_sizes_init_set_and_the_worker_keeps_serving() 
     // 4 tokens fit one block of 4; a table of 3 blocks is refused.
     let long_table = group
         .run(StepPlan {
+            truncated: Vec::new(),
             seqs: vec![fresh_seq(20, 4, 0, 3)],
             ..Default::default()
         })
@@ -911,6 +940,7 @@ async fn steps_are_bounded_by_the_sizes_init_set_and_the_worker_keeps_serving() 
     // (nothing of the rejected plans was mirrored: seq 20 is new again).
     let full = group
         .run(StepPlan {
+            truncated: Vec::new(),
             seqs: vec![fresh_seq(1, 12_000, 0, 12_000 / bs)],
             ..Default::default()
         })
@@ -919,8 +949,10 @@ async fn steps_are_bounded_by_the_sizes_init_set_and_the_worker_keeps_serving() 
     assert_eq!(full.tokens.len(), 1);
     let next = group
         .run(StepPlan {
+            truncated: Vec::new(),
             seqs: vec![
                 ScheduledSeq {
+                    num_drafts: 0,
                     seq_id: 1,
                     // Null pseudo-tokens lie outside this small vocabulary.
                     tokens: vec![5],
@@ -950,6 +982,7 @@ async fn steps_are_bounded_by_the_sizes_init_set_and_the_worker_keeps_serving() 
     let mut group = Group::open(&mut clients).await;
     let over = group
         .run(StepPlan {
+            truncated: Vec::new(),
             seqs: vec![fresh_seq(1, 9, 0, 3)],
             ..Default::default()
         })
@@ -961,6 +994,7 @@ async fn steps_are_bounded_by_the_sizes_init_set_and_the_worker_keeps_serving() 
     );
     let ok = group
         .run(StepPlan {
+            truncated: Vec::new(),
             seqs: vec![fresh_seq(1, 8, 0, 2)],
             ..Default::default()
         })

@@ -63,6 +63,7 @@ impl Rank {
 
 fn seq(id: u64, tokens: Vec<u32>, position: u32, blocks: Vec<u32>, first: bool) -> ScheduledSeq {
     ScheduledSeq {
+        num_drafts: 0,
         seq_id: id,
         tokens,
         position_start: position,
@@ -109,6 +110,7 @@ async fn a_sim_group_mirrors_plans_answers_on_rank_0_and_lasts_the_modelled_time
     // A 40-token prompt over three blocks, then decodes.
     let prompt: Vec<u32> = (0..40).map(|i| 1000 + i).collect();
     let mut plan = StepPlan {
+        truncated: Vec::new(),
         step: 1,
         seqs: vec![seq(7, prompt, 0, vec![1, 2, 3], true)],
         freed: vec![],
@@ -160,6 +162,7 @@ async fn a_sim_group_mirrors_plans_answers_on_rank_0_and_lasts_the_modelled_time
     // Checked like the CPU backend: a wrong position is refused on every rank and
     // changes nothing; the right one still runs afterwards.
     let bad = StepPlan {
+        truncated: Vec::new(),
         step: 7,
         seqs: vec![seq(7, vec![1234], cached + 3, vec![], false)],
         freed: vec![],
@@ -167,6 +170,7 @@ async fn a_sim_group_mirrors_plans_answers_on_rank_0_and_lasts_the_modelled_time
     let (a, b) = tokio::join!(s0.run(bad.clone()), s1.run(bad));
     assert!(a.error.contains("position_start") && b.error.contains("position_start"));
     let beyond = StepPlan {
+        truncated: Vec::new(),
         step: 8,
         seqs: vec![seq(9, vec![5], 0, vec![r0.num_kv_blocks], true)],
         freed: vec![],
@@ -175,11 +179,13 @@ async fn a_sim_group_mirrors_plans_answers_on_rank_0_and_lasts_the_modelled_time
     assert!(a.error.contains("outside the KV cache"), "{a:?}");
     let _ = s1
         .run(StepPlan {
+            truncated: Vec::new(),
             step: 8,
             ..Default::default()
         })
         .await;
     let good = StepPlan {
+        truncated: Vec::new(),
         step: 9,
         seqs: vec![seq(7, vec![1234], cached, vec![], false)],
         freed: vec![],
@@ -236,6 +242,7 @@ async fn the_sim_reads_only_the_config_and_labels_its_times_modelled() {
     let blocks: Vec<u32> = (1..=16).collect();
     let r = s
         .run(StepPlan {
+            truncated: Vec::new(),
             step: 1,
             seqs: vec![seq(1, prompt, 0, blocks, true)],
             freed: vec![],

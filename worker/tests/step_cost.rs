@@ -43,6 +43,7 @@ impl Steps {
     async fn run(&mut self, seqs: Vec<ScheduledSeq>) -> StepResult {
         self.step += 1;
         let plan = StepPlan {
+            truncated: Vec::new(),
             step: self.step,
             seqs,
             freed: Vec::new(),
@@ -99,6 +100,7 @@ fn entry(seq: &mut Seq, n: usize, blocks: &mut Blocks, fresh: bool) -> Scheduled
         extra
     };
     let e = ScheduledSeq {
+        num_drafts: 0,
         seq_id: seq.id,
         tokens: (0..n)
             .map(|i| ((i * 31 + seq.id as usize * 977 + seq.cached) % 30000 + 1000) as u32)

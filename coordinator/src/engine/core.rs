@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::api::{EngineError, EngineEvent, FinishReason, GenerateRequest, RequestId, TokenEvent};
+use super::draft::{self, DraftLength, NgramIndex};
 use super::executor::{ExecError, Executor, GroupFacts, PlannedSeq, Sampled, WorkPlan};
 use super::step_target::StepTarget;
 use super::{Command, EngineHandle, Shared, StepPhases};
@@ -40,6 +41,20 @@ pub struct EngineConfig {
     /// group's step cost model when the group comes up (`scheduler.step_cost` and
     /// `scheduler.max_step_ms` themselves are overwritten then).
     pub max_step: StepTarget,
+    /// Where drafts for speculative decoding come from.
+    pub speculative: Speculative,
+    /// Most draft tokens a sequence verifies per step (k adapts below it).
+    pub num_speculative_tokens: usize,
+}
+
+/// The draft source of speculative decoding (ARCHITECTURE §4).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Speculative {
+    /// No drafts: one token per decode step.
+    None,
+    /// Prompt lookup: the sequence's own n-grams ([`super::draft::NgramIndex`]).
+    #[default]
+    Ngram,
 }
 
 impl Default for EngineConfig {
@@ -50,6 +65,8 @@ impl Default for EngineConfig {
             recovery_timeout: Duration::from_secs(30),
             max_restarts_per_request: 2,
             max_step: StepTarget::Auto,
+            speculative: Speculative::default(),
+            num_speculative_tokens: 8,
         }
     }
 }
@@ -91,6 +108,8 @@ pub fn run_engine<E: Executor>(
         step_time,
         phases,
         requests: HashMap::new(),
+        draft_tokens: 0,
+        accepted_draft_tokens: 0,
         pending: Vec::new(),
         finished: Vec::new(),
         outbox: Outbox {
@@ -174,6 +193,8 @@ struct Live {
     crashed_steps: u32,
     /// When it lost its worker group, while waiting to be readmitted.
     lost_at: Option<Instant>,
+    /// Prompt lookup over `prompt + output`, when this request speculates.
+    drafts: Option<(NgramIndex, DraftLength)>,
 }
 
 impl Live {
@@ -187,6 +208,7 @@ impl Live {
             crashes: 0,
             crashed_steps: 0,
             lost_at: None,
+            drafts: None,
         }
     }
 }
@@ -199,6 +221,9 @@ struct Engine<E: Executor> {
     step_time: Arc<Histogram>,
     phases: Arc<StepPhases>,
     requests: HashMap<RequestId, Live>,
+    /// Draft tokens verified and accepted since start (metrics).
+    draft_tokens: u64,
+    accepted_draft_tokens: u64,
     /// Token events of the last step, not yet sent (see [`Engine::deliver`]).
     pending: Vec<(RequestId, EngineEvent)>,
     outbox: Outbox,
@@ -521,9 +546,10 @@ impl<E: Executor> Engine<E> {
                 self.apply(sched, cmd);
             }
             let started = Instant::now();
+            self.propose_drafts(sched);
             let plan = sched.schedule(self.now());
             let work = self.work_plan(&plan);
-            if work.seqs.is_empty() && work.freed.is_empty() {
+            if work.seqs.is_empty() && work.freed.is_empty() && work.truncated.is_empty() {
                 self.deliver(sched);
                 // Nothing runnable right now (e.g. waiting for blocks): wait for a command
                 // rather than spin.
@@ -609,7 +635,17 @@ impl<E: Executor> Engine<E> {
                     .map_err(|e| map_admission(e, sched));
                 let admitted = verdict.is_ok();
                 if ack.send(verdict).is_ok() && admitted {
-                    self.requests.insert(id, Live::new(events, request));
+                    let mut live = Live::new(events, request);
+                    let k = self.config.num_speculative_tokens;
+                    // Logprobs are reported for one token per step: no drafts then.
+                    if self.config.speculative == Speculative::Ngram
+                        && k > 0
+                        && live.request.sampling.logprobs.is_none()
+                    {
+                        live.drafts =
+                            Some((NgramIndex::new(&live.request.prompt), DraftLength::new(k)));
+                    }
+                    self.requests.insert(id, live);
                 } else if admitted {
                     // The submitter is gone already.
                     sched.abort(id);
@@ -625,6 +661,21 @@ impl<E: Executor> Engine<E> {
         }
     }
 
+    /// Proposes each speculating request's prompt-lookup draft for the next step, as
+    /// long as its draft length affords (none when the batch is large).
+    fn propose_drafts(&mut self, sched: &mut Scheduler) {
+        let running = sched.counters().running;
+        let budget = sched.config().max_num_batched_tokens;
+        for (&id, live) in &self.requests {
+            if let Some((index, k)) = &live.drafts {
+                let k = draft::affordable(k.get(), running, budget);
+                if k > 0 {
+                    sched.set_draft(id, &index.draft(k));
+                }
+            }
+        }
+    }
+
     /// The scheduler's plan in the workers' terms, attaching sampling parameters to
     /// sequences workers do not know yet.
     fn work_plan(&mut self, plan: &scheduler::StepPlan) -> WorkPlan {
@@ -632,6 +683,11 @@ impl<E: Executor> Engine<E> {
             step: self.steps,
             seqs: Vec::with_capacity(plan.seqs.len()),
             freed: plan.freed.clone(),
+            truncated: plan
+                .truncated
+                .iter()
+                .map(|&(id, len)| (id, len as u32))
+                .collect(),
         };
         for s in &plan.seqs {
             let Some(live) = self.requests.get_mut(&s.seq_id) else {
@@ -642,7 +698,8 @@ impl<E: Executor> Engine<E> {
             }
             work.seqs.push(PlannedSeq {
                 seq_id: s.seq_id,
-                tokens: plan.tokens(s).to_vec(),
+                tokens: [plan.tokens(s), plan.drafts(s)].concat(),
+                num_drafts: s.num_drafts() as u32,
                 position: s.position as u32,
                 new_blocks: plan.new_blocks(s).to_vec(),
                 sample: s.sample,
@@ -665,22 +722,45 @@ impl<E: Executor> Engine<E> {
     fn update(&mut self, sched: &mut Scheduler, plan: &scheduler::StepPlan, sampled: Vec<Sampled>) {
         let mut tokens = Vec::with_capacity(sampled.len());
         let mut stopped = Vec::new();
-        for s in sampled {
+        let mut entries = plan.seqs.iter().filter(|e| e.sample).peekable();
+        for mut s in sampled {
             let Some(live) = self.requests.get_mut(&s.seq_id) else {
                 continue;
             };
-            live.generated += 1;
-            live.output.push(s.token);
-            tokens.push((s.seq_id, s.token));
-            if live.request.stop_token_ids.contains(&s.token) || live.events.is_closed() {
-                stopped.push(s.seq_id);
-            } else {
+            // The accepted drafts, then the token after them (logprobs are its own).
+            let entry = entries
+                .find(|e| e.seq_id == s.seq_id)
+                .or_else(|| plan.seqs.iter().find(|e| e.seq_id == s.seq_id));
+            let drafts = entry.map_or(&[][..], |e| plan.drafts(e));
+            let accepted = &drafts[..(s.accepted as usize).min(drafts.len())];
+            let last = accepted.len();
+            if let Some((_, k)) = &mut live.drafts {
+                k.observe(drafts.len(), accepted.len());
+            }
+            self.draft_tokens += drafts.len() as u64;
+            self.accepted_draft_tokens += accepted.len() as u64;
+            for (i, &token) in accepted.iter().chain([&s.token]).enumerate() {
+                live.generated += 1;
+                live.output.push(token);
+                if let Some((index, _)) = &mut live.drafts {
+                    index.push(token);
+                }
+                tokens.push((s.seq_id, token));
+                if live.request.stop_token_ids.contains(&token) || live.events.is_closed() {
+                    stopped.push(s.seq_id);
+                    break;
+                }
+                let (logprob, top_logprobs) = if i == last {
+                    (s.logprob, std::mem::take(&mut s.top_logprobs))
+                } else {
+                    (None, Vec::new())
+                };
                 self.pending.push((
                     s.seq_id,
                     EngineEvent::Token(TokenEvent {
-                        id: s.token,
-                        logprob: s.logprob,
-                        top_logprobs: s.top_logprobs,
+                        id: token,
+                        logprob,
+                        top_logprobs,
                         cached_tokens: (live.generated == 1).then(|| live.cached.unwrap_or(0)),
                     }),
                 ));
@@ -728,6 +808,8 @@ impl<E: Executor> Engine<E> {
         st.prefix_cache_hit_rate = c.prefix_hit_rate();
         st.steps = self.steps;
         st.preemptions = c.preemptions;
+        st.draft_tokens = self.draft_tokens;
+        st.accepted_draft_tokens = self.accepted_draft_tokens;
         st.worker_restarts = self.shared.worker_restarts.load(Ordering::Relaxed);
         st.requests_recovered = self.shared.requests_recovered.load(Ordering::Relaxed);
     }

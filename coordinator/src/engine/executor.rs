@@ -14,7 +14,10 @@ use super::api::SamplingParams;
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlannedSeq {
     pub seq_id: u64,
+    /// New tokens, the `num_drafts` draft tokens last.
     pub tokens: Vec<u32>,
+    /// Draft tokens at the end of `tokens`, verified by rank 0 (speculative decoding).
+    pub num_drafts: u32,
     /// Tokens of this sequence already in the KV cache.
     pub position: u32,
     /// Block ids appended to the sequence's table this step.
@@ -37,13 +40,18 @@ pub struct WorkPlan {
     pub seqs: Vec<PlannedSeq>,
     /// Sequences whose blocks were freed: workers drop their mirrored state.
     pub freed: Vec<u64>,
+    /// Block tables cut back (rejected drafts): `(seq, blocks kept)`.
+    pub truncated: Vec<(u64, u32)>,
 }
 
 /// A token sampled by rank 0.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sampled {
     pub seq_id: u64,
+    /// The token after the `accepted` drafts.
     pub token: u32,
+    /// Drafts of the entry rank 0 accepted before `token`.
+    pub accepted: u32,
     pub logprob: Option<f32>,
     pub top_logprobs: Vec<(u32, f32)>,
 }

@@ -372,6 +372,7 @@ impl Executor for GrpcExecutor {
             .map(|t| Sampled {
                 seq_id: t.seq_id,
                 token: t.token_id,
+                accepted: t.accepted,
                 logprob: t.logprob,
                 top_logprobs: t
                     .top_logprobs
@@ -388,12 +389,18 @@ fn into_proto(plan: WorkPlan) -> pb::StepPlan {
     pb::StepPlan {
         step: plan.step,
         freed: plan.freed,
+        truncated: plan
+            .truncated
+            .into_iter()
+            .map(|(seq_id, table_len)| pb::TableCut { seq_id, table_len })
+            .collect(),
         seqs: plan
             .seqs
             .into_iter()
             .map(|s| pb::ScheduledSeq {
                 seq_id: s.seq_id,
                 tokens: s.tokens,
+                num_drafts: s.num_drafts,
                 position_start: s.position,
                 new_blocks: s.new_blocks,
                 sample: s.sample,

@@ -16,6 +16,7 @@
 
 mod api;
 mod core;
+pub mod draft;
 pub mod executor;
 pub mod grpc;
 pub mod step_target;
@@ -29,7 +30,7 @@ pub use api::{
     EngineError, EngineEvent, FinishReason, GenerateRequest, Priority, RequestId, RequestStream,
     SamplingParams, TokenEvent,
 };
-pub use core::{run_engine, EngineConfig};
+pub use core::{run_engine, EngineConfig, Speculative};
 pub use executor::{ExecError, Executor, GroupFacts, StepOutput};
 pub use step_target::StepTarget;
 
@@ -60,6 +61,9 @@ pub struct EngineStats {
     pub max_step_ms: Option<f64>,
     /// The prefill allowance per step (`--max-step-ms auto`); `None`: none.
     pub max_prefill_ms: Option<f64>,
+    /// Speculative decoding: draft tokens verified, and those accepted, since start.
+    pub draft_tokens: u64,
+    pub accepted_draft_tokens: u64,
 }
 
 /// Where each step's wall time went (means are what matter: sum / count).

@@ -34,6 +34,13 @@ pub struct CudaBackend {
 
 impl Backend for CudaBackend {
     fn validate(&self, step: &Step<'_>) -> Result<(), WorkerError> {
+        if step.has_drafts() {
+            // Its logits scratch is sized for one row per sequence, and its
+            // multi-row path has never run on a GPU: refuse rather than guess.
+            return Err(WorkerError::Step(
+                "speculative drafts are not supported on the CUDA backend yet; serve with --speculative none".into(),
+            ));
+        }
         self.model.validate(step.input())
     }
 

@@ -102,3 +102,42 @@ fn a_seeded_sampled_request_with_drafts_gives_the_same_text_twice() {
     assert!(server.metric("stral_spec_draft_tokens_total") > 0.0);
     assert_eq!(server.metric("stral_kv_blocks_used"), 0.0);
 }
+
+#[test]
+fn a_prediction_of_the_wrong_shape_is_a_400_and_an_empty_one_is_fine() {
+    let server = Server::start(model_dir(), 1, &[]);
+    let base = json!({"model": "codestral-latest", "temperature": 0, "max_tokens": 4,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    for bad in [
+        json!("text"),
+        json!({"type": "content", "content": 3}),
+        json!({"type": "other", "content": "x"}),
+    ] {
+        for path in [
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/fim/completions",
+        ] {
+            let mut body = if path == "/v1/chat/completions" {
+                base.clone()
+            } else {
+                json!({"model": "codestral-latest", "prompt": "def f(", "max_tokens": 4})
+            };
+            body["prediction"] = bad.clone();
+            let (status, v) = server.post(path, &body);
+            assert_eq!(status, 400, "{path} {bad}: {v}");
+            assert_eq!(v["object"], "error", "{v}");
+            assert_eq!(v["param"], "prediction", "{v}");
+        }
+    }
+    for good in [
+        json!({"type": "content", "content": ""}),
+        json!({"type": "content", "content": [{"type": "text", "text": "def f(): pass"}]}),
+    ] {
+        let mut body = base.clone();
+        body["prediction"] = good.clone();
+        let (status, v) = server.post("/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{good}: {v}");
+    }
+    assert_eq!(server.metric("stral_kv_blocks_used"), 0.0);
+}

@@ -42,6 +42,10 @@ pub struct SamplingFields {
     pub frequency_penalty: Option<f32>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    /// Predicted output (OpenAI/Mistral chat; a stral extension on FIM and legacy
+    /// completions): `{"type": "content", "content": "..." | [{"type": "text", "text": "..."}]}`.
+    /// Kept raw so a wrong shape is a 400 naming `prediction`, not a generic body error.
+    pub prediction: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize, Default, Clone)]
@@ -127,6 +131,9 @@ pub struct Generation {
     pub stream: bool,
     pub include_usage_in_stream: bool,
     pub priority: Priority,
+    /// The predicted output's text (`prediction`), validated; `None` when absent.
+    /// Not yet a draft source: speculation uses prompt lookup only.
+    pub prediction: Option<String>,
 }
 
 impl SamplingFields {
@@ -141,6 +148,7 @@ impl SamplingFields {
         let (max_tokens, min_tokens) = self.token_bounds()?;
         self.reject_unsupported()?;
         let stop = self.stop_strings()?;
+        let prediction = self.prediction_text()?;
         Ok(Generation {
             sampling: SamplingParams {
                 temperature,
@@ -159,7 +167,46 @@ impl SamplingFields {
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
             priority,
+            prediction,
         })
+    }
+
+    /// `prediction`'s text: `type` must be `"content"`, `content` a string or an array
+    /// of `{"type": "text", "text": ...}` parts (joined). Empty content is fine.
+    fn prediction_text(&self) -> Result<Option<String>, AppError> {
+        let Some(value) = &self.prediction else {
+            return Ok(None);
+        };
+        if value.is_null() {
+            return Ok(None);
+        }
+        let bad = |why: &str| AppError::bad_param("prediction", format!("prediction {why}"));
+        let obj = value
+            .as_object()
+            .ok_or_else(|| bad("must be an object {\"type\": \"content\", \"content\": ...}"))?;
+        match obj.get("type").and_then(|t| t.as_str()) {
+            Some("content") => {}
+            _ => return Err(bad("type must be \"content\"")),
+        }
+        match obj.get("content") {
+            Some(serde_json::Value::String(text)) => Ok(Some(text.clone())),
+            Some(serde_json::Value::Array(parts)) => {
+                let mut text = String::new();
+                for part in parts {
+                    let kind = part.get("type").and_then(|t| t.as_str());
+                    match (kind, part.get("text").and_then(|t| t.as_str())) {
+                        (Some("text"), Some(t)) => text.push_str(t),
+                        _ => {
+                            return Err(bad(
+                                "content parts must be {\"type\": \"text\", \"text\": \"...\"}",
+                            ));
+                        }
+                    }
+                }
+                Ok(Some(text))
+            }
+            _ => Err(bad("content must be a string or an array of text parts")),
+        }
     }
 
     /// `(temperature, top_p, top_k)`, range-checked, in the sampler's terms.
@@ -327,5 +374,55 @@ impl ChatRequest {
                 Ok(msg)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prediction(value: serde_json::Value) -> Result<Option<String>, AppError> {
+        let fields: SamplingFields =
+            serde_json::from_value(serde_json::json!({ "prediction": value })).unwrap();
+        fields
+            .validate(0.0, Priority::Chat, None)
+            .map(|g| g.prediction)
+    }
+
+    #[test]
+    fn prediction_shapes() {
+        use serde_json::json;
+        assert_eq!(
+            prediction(json!({"type": "content", "content": "abc"})).unwrap(),
+            Some("abc".into())
+        );
+        assert_eq!(
+            prediction(json!({"type": "content", "content": ""})).unwrap(),
+            Some(String::new())
+        );
+        assert_eq!(
+            prediction(json!({"type": "content", "content": [
+                {"type": "text", "text": "ab"}, {"type": "text", "text": "c"}
+            ]}))
+            .unwrap(),
+            Some("abc".into())
+        );
+        assert_eq!(prediction(json!(null)).unwrap(), None);
+        for bad in [
+            json!("abc"),
+            json!(3),
+            json!({"content": "abc"}),
+            json!({"type": "text", "content": "abc"}),
+            json!({"type": "content"}),
+            json!({"type": "content", "content": 5}),
+            json!({"type": "content", "content": [{"type": "image", "text": "x"}]}),
+            json!({"type": "content", "content": ["abc"]}),
+        ] {
+            let err = prediction(bad.clone()).expect_err(&bad.to_string());
+            assert!(
+                matches!(&err, AppError::BadRequest { param, .. } if param.as_deref() == Some("prediction")),
+                "{bad}: {err:?}"
+            );
+        }
     }
 }

@@ -19,6 +19,7 @@
 //! time; the driver and NVRTC are loaded when a [`cuda::CudaKernels`] is opened.
 
 pub mod cuda;
+pub mod quant;
 pub mod reference;
 
 /// Errors raised by kernel set-up and launches.

@@ -12,6 +12,10 @@ pub struct PlanArgs {
     /// GPU type: h100, h200, a100 or l40s.
     #[arg(long, value_parser = parse_gpu, default_value = "h100")]
     gpu: worker::sim::GpuKind,
+    /// Weight format on the GPUs: bf16, int8 (weight-only: half the bytes a decode
+    /// step streams, bf16 math) or fp8 (also twice the GEMM peak; not on a100).
+    #[arg(long, value_parser = parse_weights, default_value = "bf16")]
+    dtype: worker::sim::SimWeights,
     /// Model: a preset (`codestral-22b`, `tiny`) or a checkpoint directory (only its
     /// params.json / config.json is read).
     #[arg(long, default_value = "codestral-22b")]
@@ -106,6 +110,10 @@ pub struct PlanArgs {
     bench_tp: usize,
 }
 
+fn parse_weights(s: &str) -> Result<worker::sim::SimWeights, String> {
+    s.parse().map_err(|e: worker::WorkerError| e.to_string())
+}
+
 fn parse_gpu(s: &str) -> Result<worker::sim::GpuKind, String> {
     s.parse().map_err(|e: worker::WorkerError| e.to_string())
 }
@@ -158,6 +166,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     }
     let cfg = PlanConfig {
         gpu: a.gpu,
+        weights: a.dtype,
         model_name: a.model.clone(),
         model,
         workload: Workload {

@@ -33,6 +33,7 @@ impl Replica {
             .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--tp", &tp.to_string(), "--model", model])
             .args(["--worker-backend", "sim", "--gpu", cfg.gpu.name()])
+            .args(["--dtype", cfg.weights.name()])
             .args(["--max-num-seqs", &cfg.max_num_seqs.to_string()])
             .args([
                 "--max-num-batched-tokens",

@@ -148,6 +148,14 @@ pub struct ServeArgs {
     /// GPU the sim backend models: h100, h200, a100 or l40s.
     #[arg(long, value_parser = parse_gpu, required_if_eq("worker_backend", "sim"))]
     gpu: Option<worker::sim::GpuKind>,
+    /// How the workers store weights. `auto`: the checkpoint's own format where the
+    /// backend has it (CPU: f32 or bf16, f16 widens to f32; CUDA: bf16). On the CPU,
+    /// `bf16` halves and `int8` (one f32 scale per output row, quantized at load)
+    /// quarters the bytes a decode step reads against `f32`; activations and
+    /// accumulation stay f32. `--worker-backend sim` models `bf16`, `int8` and `fp8`
+    /// weights (bytes per weight in its step-time model).
+    #[arg(long, value_enum, default_value_t = WeightDtypeArg::Auto)]
+    dtype: WeightDtypeArg,
     /// KV cache per rank, in MiB (CPU backend).
     #[arg(long, default_value_t = 512)]
     kv_cache_mib: u64,
@@ -189,6 +197,22 @@ pub struct ServeArgs {
 enum SpeculativeArg {
     Ngram,
     None,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum WeightDtypeArg {
+    Auto,
+    F32,
+    Bf16,
+    Int8,
+    Fp8,
+}
+
+impl std::fmt::Display for WeightDtypeArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = self.to_possible_value().expect("no skipped variants");
+        f.write_str(v.get_name())
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -242,6 +266,7 @@ impl ServeArgs {
                 ops,
             },
             engine: self.engine_config()?,
+            dtype: self.dtype.to_string(),
             kv_cache_bytes: self.kv_cache_mib << 20,
             max_kv_blocks: self.num_kv_blocks,
             step_timeout: Duration::from_secs(self.step_timeout_s),
@@ -309,7 +334,8 @@ impl ServeArgs {
             if self.workers.is_none() {
                 // Fails early when the modelled GPUs cannot hold the model.
                 let cfg = worker::sim::model_config(&source)?;
-                let m = worker::sim::StepTimeModel::new(cfg, dev.gpu.spec(), self.tp)?;
+                let m = worker::sim::StepTimeModel::new(cfg, dev.gpu.spec(), self.tp)?
+                    .with_weights(self.dtype.to_string().parse()?)?;
                 let blocks = m.kv_capacity_blocks(
                     self.block_size,
                     dev.memory_utilization,

@@ -38,6 +38,8 @@ pub struct ServeConfig {
     pub exe: PathBuf,
     pub http: HttpConfig,
     pub engine: EngineConfig,
+    /// Weight storage on the workers (`--dtype`), sent in `Init`.
+    pub dtype: String,
     /// KV cache budget per rank, bytes.
     pub kv_cache_bytes: u64,
     /// Cap on KV blocks per rank (`--num-kv-blocks`), on every backend.
@@ -131,6 +133,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
         collective_listen: listen,
         model_path: config.model_dir.to_string_lossy().into_owned(),
         device: config.device.clone(),
+        dtype: config.dtype.clone(),
         nccl_unique_id: config.nccl_unique_id,
         block_size: config.engine.scheduler.block_size as u32,
         kv_cache_bytes: config.kv_cache_bytes,

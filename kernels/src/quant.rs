@@ -130,6 +130,14 @@ impl QMatrix {
         n / self.cols()
     }
 
+    /// The values when stored as f32, `None` otherwise.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match self {
+            Self::F32 { w, .. } => Some(w),
+            _ => None,
+        }
+    }
+
     /// Bytes held in memory (weights plus scales).
     pub fn bytes(&self) -> usize {
         match self {

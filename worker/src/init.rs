@@ -19,12 +19,15 @@ use proto::v1::collective_bootstrap::Kind;
 use proto::v1::{InitReply, InitRequest, ModelFacts};
 
 use crate::backend::{CpuBackend, InitShape, NullBackend, Opened};
-use crate::checkpoint::Checkpoint;
+use kernels::quant::WeightDtype;
+
+use crate::checkpoint::{Checkpoint, Param};
 use crate::collective::{Collective, SoloCollective};
 use crate::cuda::CudaDevice;
 use crate::model::{CpuModel, RankWeights, ShardSpec};
 use crate::profile;
 use crate::rank::{Rank, RankLimits};
+use crate::safetensors_io::StoredDtype;
 use crate::sampler::EOS_TOKEN_ID;
 use crate::sim::{self, SimDevice};
 use crate::tcp_collective::{TcpCollective, TcpGroup};
@@ -139,12 +142,7 @@ fn open_cpu(
         ));
     }
     let null = req.device == "null";
-    if !matches!(req.dtype.as_str(), "" | "f32") {
-        return config_err(format!(
-            "dtype '{}': the CPU backend computes in f32",
-            req.dtype
-        ));
-    }
+    let requested = CpuDtype::parse(&req.dtype)?;
     let InitShape {
         tp,
         rank,
@@ -199,19 +197,22 @@ fn open_cpu(
             kv_bytes_per_block: per_block,
         });
     }
-    let weight_bytes = cfg.n_params() * 4 / tp as u64;
+    let dtype = requested.resolve(&ckpt)?;
+    let weight_bytes = (cfg.n_params() as f64 * dtype.bytes_per_weight()) as u64 / tp as u64;
     check_fits_in_memory(blocks * per_block, weight_bytes, available_memory())?;
     tracing::info!(
         model = %req.model_path,
         format = ?ckpt.format,
         layers = cfg.n_layers,
         params = cfg.n_params(),
+        dtype = ?dtype,
         "loading shard"
     );
     let t0 = Instant::now();
-    let weights = RankWeights::load(&ckpt, ShardSpec { tp, rank }, false)?;
+    let weights = RankWeights::load_as(&ckpt, ShardSpec { tp, rank }, dtype, false)?;
     tracing::info!(
         seconds = t0.elapsed().as_secs_f64(),
+        weight_mib = weights.bytes() >> 20,
         kv_blocks = blocks,
         kv_bytes = blocks * per_block,
         "shard loaded; allocating the KV cache"
@@ -230,6 +231,38 @@ fn open_cpu(
         num_blocks: blocks,
         kv_bytes_per_block: per_block,
     })
+}
+
+/// The CPU backend's `dtype` choices: `auto` (also `""`) stores weights as the
+/// checkpoint does where the CPU supports that (f32, bf16; f16 checkpoints widen to
+/// f32), or one format for every checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CpuDtype {
+    Auto,
+    Fixed(WeightDtype),
+}
+
+impl CpuDtype {
+    fn parse(s: &str) -> Result<Self, WorkerError> {
+        match s {
+            "" | "auto" => Ok(Self::Auto),
+            other => other.parse().map(Self::Fixed).map_err(|_| {
+                WorkerError::Config(format!(
+                    "dtype '{other}': the CPU backend stores weights as auto, f32, bf16 or int8"
+                ))
+            }),
+        }
+    }
+
+    fn resolve(self, ckpt: &Checkpoint) -> Result<WeightDtype, WorkerError> {
+        Ok(match self {
+            Self::Fixed(d) => d,
+            Self::Auto => match ckpt.tensor(Param::Output)?.dtype {
+                StoredDtype::Bf16 => WeightDtype::Bf16,
+                StoredDtype::F32 | StoredDtype::F16 => WeightDtype::F32,
+            },
+        })
+    }
 }
 
 /// Bytes this machine can still give a process (`MemAvailable` in /proc/meminfo);
@@ -274,5 +307,21 @@ mod tests {
         assert!(check_fits_in_memory(u64::MAX, u64::MAX, Some(gib)).is_err());
         assert!(check_fits_in_memory(gib, 0, None).is_ok());
         assert!(available_memory().is_some_and(|b| b > 0));
+    }
+
+    #[test]
+    fn cpu_dtypes_parse_and_unknown_ones_name_the_choices() {
+        assert_eq!(CpuDtype::parse("").unwrap(), CpuDtype::Auto);
+        assert_eq!(CpuDtype::parse("auto").unwrap(), CpuDtype::Auto);
+        assert_eq!(
+            CpuDtype::parse("int8").unwrap(),
+            CpuDtype::Fixed(WeightDtype::Int8)
+        );
+        assert_eq!(
+            CpuDtype::parse("bf16").unwrap(),
+            CpuDtype::Fixed(WeightDtype::Bf16)
+        );
+        let e = CpuDtype::parse("fp8").unwrap_err().to_string();
+        assert!(e.contains("'fp8'") && e.contains("int8"), "{e}");
     }
 }

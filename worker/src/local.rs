@@ -6,6 +6,8 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::collective::{Collective, LocalCollective};
+use kernels::quant::WeightDtype;
+
 use crate::model::{CpuModel, RankWeights, SeqChunk, ShardSpec, StepInput};
 use crate::WorkerError;
 
@@ -22,6 +24,17 @@ impl LocalTpGroup {
         num_blocks: usize,
         block_size: usize,
     ) -> Result<Self, WorkerError> {
+        Self::load_as(ckpt, tp, num_blocks, block_size, WeightDtype::F32)
+    }
+
+    /// [`LocalTpGroup::load`] with every rank's weights stored as `dtype`.
+    pub fn load_as(
+        ckpt: &Checkpoint,
+        tp: usize,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: WeightDtype,
+    ) -> Result<Self, WorkerError> {
         ckpt.config.check_tp(tp)?;
         let colls = LocalCollective::group(tp);
         let ranks = colls
@@ -30,7 +43,7 @@ impl LocalTpGroup {
             .map(|(rank, c)| {
                 Ok((
                     CpuModel::new(
-                        RankWeights::load(ckpt, ShardSpec { tp, rank }, false)?,
+                        RankWeights::load_as(ckpt, ShardSpec { tp, rank }, dtype, false)?,
                         num_blocks,
                         block_size,
                     ),

@@ -1,5 +1,8 @@
-//! The Mistral forward pass on CPU in f32 over a paged KV cache, for one
-//! tensor-parallel rank (the reference backend).
+//! The Mistral forward pass on CPU over a paged KV cache, for one tensor-parallel
+//! rank (the reference backend). Activations, accumulation and the KV cache are f32;
+//! linear weights, the embedding and `lm_head` are stored as the [`WeightDtype`] the
+//! rank was loaded with (f32, bf16, or int8 with one f32 scale per output row), so a
+//! decode step reads 4, 2 or 1 bytes per weight. Norm weights stay f32.
 //!
 //! Sharding (Megatron): `wq|wk|wv` fused and split by heads, `w1|w3` fused and split
 //! by rows (column-parallel); `wo` and `w2` split by columns (row-parallel) and
@@ -13,6 +16,7 @@
 //! two all-reduces of `[n_tokens, dim]` per layer and one gather of the logits rows.
 
 use indicatif::{ProgressBar, ProgressStyle};
+use kernels::quant::{self, QMatrix, WeightDtype};
 use kernels::reference::{self as ops, AttnMeta, KvLayout};
 
 use crate::checkpoint::{Checkpoint, Param};
@@ -53,36 +57,84 @@ impl Local {
     }
 }
 
-/// One layer's weights for one rank, f32.
+/// One layer's weights for one rank: norms in f32, matrices in the stored format.
 pub struct LayerWeights {
     pub attn_norm: Vec<f32>,
     pub ffn_norm: Vec<f32>,
     /// `[(heads + 2·kv_heads)·head_dim, dim]`: this rank's q, k and v rows.
-    pub wqkv: Vec<f32>,
+    pub wqkv: QMatrix,
     /// `[dim, heads·head_dim]`: this rank's columns of `wo`.
-    pub wo: Vec<f32>,
+    pub wo: QMatrix,
     /// `[2·ffn, dim]`: this rank's gate rows then up rows.
-    pub w13: Vec<f32>,
+    pub w13: QMatrix,
     /// `[dim, ffn]`: this rank's columns of `w2`.
+    pub w2: QMatrix,
+}
+
+/// One rank's layer `i` in f32, packed for TP (fused `wq|wk|wv` rows and fused
+/// gate|up rows of this rank's heads and FFN slice, this rank's columns of the
+/// row-parallel `wo` and `w2`): what both the CPU and the CUDA loaders store.
+pub struct PackedLayer {
+    pub attn_norm: Vec<f32>,
+    pub ffn_norm: Vec<f32>,
+    pub wqkv: Vec<f32>,
+    pub wo: Vec<f32>,
+    pub w13: Vec<f32>,
     pub w2: Vec<f32>,
 }
 
-/// All weights of one rank, f32.
+/// Reads and packs layer `i` for `shard` (8 tensors).
+pub fn pack_layer(
+    ckpt: &Checkpoint,
+    shard: ShardSpec,
+    i: usize,
+) -> Result<PackedLayer, WorkerError> {
+    let cfg = &ckpt.config;
+    let l = Local::new(cfg, shard);
+    let (r, hd) = (shard.rank, cfg.head_dim);
+    let rows = |p: Param, per: usize| ckpt.load_rows(p, r * per..(r + 1) * per);
+    let mut wqkv = rows(Param::Wq(i), l.heads * hd)?;
+    wqkv.extend(rows(Param::Wk(i), l.kv_heads * hd)?);
+    wqkv.extend(rows(Param::Wv(i), l.kv_heads * hd)?);
+    let mut w13 = rows(Param::W1(i), l.ffn)?;
+    w13.extend(rows(Param::W3(i), l.ffn)?);
+    Ok(PackedLayer {
+        attn_norm: ckpt.load_rows(Param::AttnNorm(i), 0..cfg.dim)?,
+        ffn_norm: ckpt.load_rows(Param::FfnNorm(i), 0..cfg.dim)?,
+        wqkv,
+        wo: ckpt.load_cols(Param::Wo(i), r * l.heads * hd..(r + 1) * l.heads * hd)?,
+        w13,
+        w2: ckpt.load_cols(Param::W2(i), r * l.ffn..(r + 1) * l.ffn)?,
+    })
+}
+
+/// All weights of one rank.
 pub struct RankWeights {
     pub config: ModelConfig,
     pub shard: ShardSpec,
     /// `[vocab, dim]`, replicated.
-    pub embed: Vec<f32>,
+    pub embed: QMatrix,
     pub layers: Vec<LayerWeights>,
     pub norm: Vec<f32>,
     /// `[vocab/tp, dim]`: this rank's vocabulary rows.
-    pub lm_head: Vec<f32>,
+    pub lm_head: QMatrix,
 }
 
 impl RankWeights {
-    /// Loads this rank's slices from a checkpoint, converting to f32 and to the
-    /// internal RoPE convention. `progress` shows one tick per tensor.
+    /// Loads this rank's slices from a checkpoint in f32, in the internal RoPE
+    /// convention. `progress` shows one tick per tensor.
     pub fn load(ckpt: &Checkpoint, shard: ShardSpec, progress: bool) -> Result<Self, WorkerError> {
+        Self::load_as(ckpt, shard, WeightDtype::F32, progress)
+    }
+
+    /// [`RankWeights::load`] storing every matrix as `dtype` (converted one tensor at
+    /// a time, so the peak is one f32 tensor above the stored size).
+    pub fn load_as(
+        ckpt: &Checkpoint,
+        shard: ShardSpec,
+        dtype: WeightDtype,
+        progress: bool,
+    ) -> Result<Self, WorkerError> {
         let cfg = &ckpt.config;
         cfg.check_tp(shard.tp)?;
         if shard.rank >= shard.tp {
@@ -108,49 +160,44 @@ impl RankWeights {
             bar.inc(1);
             ckpt.load_rows(p, r * per..(r + 1) * per)
         };
-        let cols = |p: Param, per: usize| {
-            bar.inc(1);
-            ckpt.load_cols(p, r * per..(r + 1) * per)
-        };
         let full = |p: Param, n: usize| {
             bar.inc(1);
             ckpt.load_rows(p, 0..n)
         };
-        let embed = full(Param::Embed, cfg.vocab_size)?;
+        let stored = |w: Vec<f32>, cols: usize| QMatrix::from_f32(w, cols, dtype);
+        let dim = cfg.dim;
+        let embed = stored(full(Param::Embed, cfg.vocab_size)?, dim);
         let mut layers = Vec::with_capacity(cfg.n_layers);
         // Without a bar (a worker process), progress goes to the log, one line per layer.
         let started = std::time::Instant::now();
-        let mut loaded_floats = embed.len();
+        let mut loaded_bytes = embed.bytes();
         for i in 0..cfg.n_layers {
-            let mut wqkv = rows(Param::Wq(i), l.heads * hd)?;
-            wqkv.extend(rows(Param::Wk(i), l.kv_heads * hd)?);
-            wqkv.extend(rows(Param::Wv(i), l.kv_heads * hd)?);
-            let mut w13 = rows(Param::W1(i), l.ffn)?;
-            w13.extend(rows(Param::W3(i), l.ffn)?);
-            layers.push(LayerWeights {
-                attn_norm: full(Param::AttnNorm(i), cfg.dim)?,
-                ffn_norm: full(Param::FfnNorm(i), cfg.dim)?,
-                wqkv,
-                wo: cols(Param::Wo(i), l.heads * hd)?,
-                w13,
-                w2: cols(Param::W2(i), l.ffn)?,
-            });
+            let h = pack_layer(ckpt, shard, i)?;
+            bar.inc(8);
+            let w = LayerWeights {
+                attn_norm: h.attn_norm,
+                ffn_norm: h.ffn_norm,
+                wqkv: stored(h.wqkv, dim),
+                wo: stored(h.wo, l.heads * hd),
+                w13: stored(h.w13, dim),
+                w2: stored(h.w2, l.ffn),
+            };
+            loaded_bytes += w.wqkv.bytes() + w.wo.bytes() + w.w13.bytes() + w.w2.bytes() + 8 * dim;
+            layers.push(w);
             if !progress {
-                let w = &layers[i];
-                loaded_floats += w.wqkv.len() + w.wo.len() + w.w13.len() + w.w2.len() + 2 * cfg.dim;
                 tracing::info!(
                     rank = r,
                     tp = shard.tp,
                     layer = i + 1,
                     of = cfg.n_layers,
-                    mib = (loaded_floats * 4) >> 20,
+                    mib = loaded_bytes >> 20,
                     seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
                     "loading shard"
                 );
             }
         }
-        let norm = full(Param::Norm, cfg.dim)?;
-        let lm_head = rows(Param::Output, l.vocab)?;
+        let norm = full(Param::Norm, dim)?;
+        let lm_head = stored(rows(Param::Output, l.vocab)?, dim);
         bar.finish_and_clear();
         Ok(Self {
             config: cfg.clone(),
@@ -160,6 +207,28 @@ impl RankWeights {
             norm,
             lm_head,
         })
+    }
+
+    /// The format the matrices are stored in.
+    pub fn dtype(&self) -> WeightDtype {
+        self.lm_head.dtype()
+    }
+
+    /// Bytes of weights this rank holds (what one decode step reads, plus the
+    /// embedding rows it gathers).
+    pub fn bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|w| {
+                w.wqkv.bytes()
+                    + w.wo.bytes()
+                    + w.w13.bytes()
+                    + w.w2.bytes()
+                    + 4 * (w.attn_norm.len() + w.ffn_norm.len())
+            })
+            .sum();
+        self.embed.bytes() + layers + 4 * self.norm.len() + self.lm_head.bytes()
     }
 }
 
@@ -262,7 +331,7 @@ impl CpuModel {
         let slots = step.meta.slot_mapping();
 
         let mut residual = vec![0f32; n * dim];
-        ops::embedding(&step.tokens, &self.weights.embed, dim, &mut residual);
+        quant::embedding(&step.tokens, &self.weights.embed, &mut residual);
         let mut normed = vec![0f32; n * dim];
         let mut qkv = vec![0f32; n * qkv_w];
         let (mut q, mut k, mut v) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
@@ -274,7 +343,7 @@ impl CpuModel {
             if i == 0 {
                 ops::rms_norm(&residual, &lw.attn_norm, eps, dim, &mut normed);
             }
-            ops::linear(&normed, &lw.wqkv, n, dim, qkv_w, &mut qkv);
+            quant::linear(&normed, &lw.wqkv, n, &mut qkv);
             for t in 0..n {
                 let row = &qkv[t * qkv_w..(t + 1) * qkv_w];
                 q[t * qd..(t + 1) * qd].copy_from_slice(&row[..qd]);
@@ -293,12 +362,12 @@ impl CpuModel {
             let (kc, vc) = &mut self.kv[i];
             ops::reshape_and_cache(&k, &v, kc, vc, &slots, self.layout);
             ops::paged_attention(&q, kc, vc, &step.meta, l.heads, self.layout, &mut attn);
-            ops::linear(&attn, &lw.wo, n, qd, dim, &mut proj);
+            quant::linear(&attn, &lw.wo, n, &mut proj);
             coll.all_reduce_sum(&mut proj)?;
             ops::fused_add_rms_norm(&mut residual, &proj, &lw.ffn_norm, eps, dim, &mut normed);
-            ops::linear(&normed, &lw.w13, n, dim, 2 * l.ffn, &mut gu);
+            quant::linear(&normed, &lw.w13, n, &mut gu);
             ops::swiglu(&gu, l.ffn, &mut act);
-            ops::linear(&act, &lw.w2, n, l.ffn, dim, &mut proj);
+            quant::linear(&act, &lw.w2, n, &mut proj);
             coll.all_reduce_sum(&mut proj)?;
             let next_norm = self
                 .weights
@@ -313,14 +382,7 @@ impl CpuModel {
             rows.extend_from_slice(&normed[r as usize * dim..(r as usize + 1) * dim]);
         }
         let mut local_logits = vec![0f32; m * l.vocab];
-        ops::linear(
-            &rows,
-            &self.weights.lm_head,
-            m,
-            dim,
-            l.vocab,
-            &mut local_logits,
-        );
+        quant::linear(&rows, &self.weights.lm_head, m, &mut local_logits);
         let tp = coll.world_size();
         let gathered = coll.gather(&local_logits)?;
         Ok(gathered.map(|g| reorder_logits(&g, tp, m, l.vocab)))

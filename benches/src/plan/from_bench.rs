@@ -132,6 +132,7 @@ fn estimate_overhead(
         return Ok(None);
     }
     let model = StepTimeModel::new(cfg.model.clone(), cfg.gpu.spec(), tp)
+        .and_then(|m| m.with_weights(cfg.weights))
         .map_err(|e| format!("--bench-tp {tp}: {e}"))?;
     let batch = (rate * run.e2e_ms.mean / 1e3)
         .round()

@@ -21,7 +21,7 @@ pub mod simulate;
 pub mod verify;
 
 use serde::Serialize;
-use worker::sim::{GpuKind, Provenance, StepTimeModel};
+use worker::sim::{GpuKind, Provenance, SimWeights, StepTimeModel};
 use worker::ModelConfig;
 
 pub use simulate::{simulate, HostOverhead, LoadResult, SimConfig};
@@ -114,6 +114,8 @@ impl Slo {
 #[derive(Clone, Debug)]
 pub struct PlanConfig {
     pub gpu: GpuKind,
+    /// How the GPUs store the weights (bytes per weight in the step-time model).
+    pub weights: SimWeights,
     /// Model name for the report (e.g. `codestral-22b`).
     pub model_name: String,
     pub model: ModelConfig,
@@ -136,6 +138,7 @@ impl Default for PlanConfig {
     fn default() -> Self {
         Self {
             gpu: GpuKind::H100,
+            weights: SimWeights::Bf16,
             model_name: "codestral-22b".into(),
             model: ModelConfig::codestral_22b(),
             workload: Workload::default(),
@@ -192,6 +195,8 @@ pub struct PlanReport {
     pub source: &'static str,
     pub gpu: &'static str,
     pub gpu_product: &'static str,
+    /// Weight format modelled (`bf16`, `int8`, `fp8`).
+    pub weights: &'static str,
     pub model: String,
     pub workload: Workload,
     pub slo: Slo,
@@ -267,6 +272,7 @@ pub fn plan(cfg: &PlanConfig) -> Result<PlanReport, PlanError> {
         source: MODELLED,
         gpu: cfg.gpu.name(),
         gpu_product: spec.product,
+        weights: cfg.weights.name(),
         model: cfg.model_name.clone(),
         workload: cfg.workload.clone(),
         slo: cfg.slo,
@@ -367,8 +373,9 @@ fn serve_default_step_caps(
 
 /// The model and KV blocks per rank of one TP, or why it cannot serve.
 fn replica(cfg: &PlanConfig, tp: usize) -> Result<(StepTimeModel, u64), String> {
-    let model =
-        StepTimeModel::new(cfg.model.clone(), cfg.gpu.spec(), tp).map_err(|e| e.to_string())?;
+    let model = StepTimeModel::new(cfg.model.clone(), cfg.gpu.spec(), tp)
+        .and_then(|m| m.with_weights(cfg.weights))
+        .map_err(|e| e.to_string())?;
     let blocks = model
         .kv_capacity_blocks(
             cfg.block_size,
@@ -497,8 +504,8 @@ pub fn render_text(r: &PlanReport) -> String {
     };
     let _ = writeln!(
         s,
-        "model {} on {} ({}); workload: {traffic}, {} prompt{cached} + {} output tokens",
-        r.model, r.gpu, r.gpu_product, w.prompt_tokens, w.output_tokens
+        "model {} ({} weights) on {} ({}); workload: {traffic}, {} prompt{cached} + {} output tokens",
+        r.model, r.weights, r.gpu, r.gpu_product, w.prompt_tokens, w.output_tokens
     );
     let slo = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v} ms"));
     let _ = writeln!(

@@ -35,6 +35,9 @@ pub struct GrpcGroupConfig {
     /// Checkpoint directory as the workers see it.
     pub model_path: String,
     pub device: String,
+    /// Weight storage the workers load (`--dtype`); `""` or `"auto"` is the
+    /// checkpoint's own where the backend supports it.
+    pub dtype: String,
     /// When set (CUDA workers with NCCL), each group Init bootstraps the collective
     /// with a fresh NCCL unique id from this function instead of TCP peers; the
     /// process that made the id hosts NCCL's bootstrap root. Injected by the binary so
@@ -63,6 +66,7 @@ impl Default for GrpcGroupConfig {
             collective_listen: Vec::new(),
             model_path: String::new(),
             device: "cpu".into(),
+            dtype: String::new(),
             nccl_unique_id: None,
             block_size: 16,
             kv_cache_bytes: 1 << 30,
@@ -214,7 +218,7 @@ impl Executor for GrpcExecutor {
             let mut client = client.clone();
             let request = pb::InitRequest {
                 model_path: cfg.model_path.clone(),
-                dtype: String::new(),
+                dtype: cfg.dtype.clone(),
                 device: cfg.device.clone(),
                 tp_world_size: tp as u32,
                 rank: rank as u32,

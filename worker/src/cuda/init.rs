@@ -94,7 +94,7 @@ pub fn load(
             "block_size {bs} must be a power of two on CUDA"
         )));
     }
-    if !matches!(req.dtype.as_str(), "" | "bf16") {
+    if !matches!(req.dtype.as_str(), "" | "auto" | "bf16") {
         return Err(WorkerError::Config(format!(
             "dtype '{}': the CUDA backend computes in bf16",
             req.dtype

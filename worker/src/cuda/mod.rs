@@ -33,7 +33,7 @@ mod model;
 
 pub use crate::model::reorder_logits;
 pub use collective::DeviceCollective;
-pub use model::{pack_layer, CudaModel, CudaModelConfig, WeightSource};
+pub use model::{CudaModel, CudaModelConfig, WeightSource};
 
 use crate::config::ModelConfig;
 use crate::WorkerError;

@@ -39,7 +39,7 @@ use super::{driver_err, kernel_err, kv_blocks_for, kv_bytes_per_block, MemoryPro
 use crate::checkpoint::{Checkpoint, Param};
 use crate::config::ModelConfig;
 use crate::model::reorder_logits;
-use crate::model::{validate_step, LayerWeights, Local, SeqChunk, ShardSpec, StepInput};
+use crate::model::{pack_layer, validate_step, Local, SeqChunk, ShardSpec, StepInput};
 use crate::WorkerError;
 
 /// How a [`CudaModel`] is sized.
@@ -77,32 +77,6 @@ impl Default for CudaModelConfig {
             reuse_attn_buffers: false,
         }
     }
-}
-
-/// One rank's layer `i`, f32, packed as the CPU loader packs it (fused QKV rows,
-/// fused gate|up rows, row-parallel columns of `wo` and `w2`).
-pub fn pack_layer(
-    ckpt: &Checkpoint,
-    shard: ShardSpec,
-    i: usize,
-) -> Result<LayerWeights, WorkerError> {
-    let cfg = &ckpt.config;
-    let l = Local::new(cfg, shard);
-    let (r, hd) = (shard.rank, cfg.head_dim);
-    let rows = |p: Param, per: usize| ckpt.load_rows(p, r * per..(r + 1) * per);
-    let mut wqkv = rows(Param::Wq(i), l.heads * hd)?;
-    wqkv.extend(rows(Param::Wk(i), l.kv_heads * hd)?);
-    wqkv.extend(rows(Param::Wv(i), l.kv_heads * hd)?);
-    let mut w13 = rows(Param::W1(i), l.ffn)?;
-    w13.extend(rows(Param::W3(i), l.ffn)?);
-    Ok(LayerWeights {
-        attn_norm: ckpt.load_rows(Param::AttnNorm(i), 0..cfg.dim)?,
-        ffn_norm: ckpt.load_rows(Param::FfnNorm(i), 0..cfg.dim)?,
-        wqkv,
-        wo: ckpt.load_cols(Param::Wo(i), r * l.heads * hd..(r + 1) * l.heads * hd)?,
-        w13,
-        w2: ckpt.load_cols(Param::W2(i), r * l.ffn..(r + 1) * l.ffn)?,
-    })
 }
 
 struct DeviceLayer {
@@ -972,37 +946,6 @@ fn load_weights(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::RankWeights;
-    use crate::synth::{synthesize, SynthOptions};
-
-    #[test]
-    fn packed_layers_match_the_cpu_loaders_layout_at_tp_2() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = ModelConfig::tiny();
-        cfg.n_layers = 2;
-        let opts = SynthOptions {
-            config: cfg,
-            seed: 3,
-            progress: false,
-            ..Default::default()
-        };
-        synthesize(&opts, dir.path()).unwrap();
-        let ckpt = Checkpoint::open(dir.path()).unwrap();
-        for rank in 0..2 {
-            let shard = ShardSpec { tp: 2, rank };
-            let cpu = RankWeights::load(&ckpt, shard, false).unwrap();
-            for i in 0..2 {
-                let p = pack_layer(&ckpt, shard, i).unwrap();
-                let c = &cpu.layers[i];
-                assert_eq!(p.wqkv, c.wqkv, "rank {rank} layer {i} wqkv");
-                assert_eq!(p.w13, c.w13);
-                assert_eq!(p.wo, c.wo);
-                assert_eq!(p.w2, c.w2);
-                assert_eq!(p.attn_norm, c.attn_norm);
-                assert_eq!(p.ffn_norm, c.ffn_norm);
-            }
-        }
-    }
 
     #[test]
     fn gathered_logits_are_reordered_rank_major_to_row_major() {

@@ -33,6 +33,11 @@ pub enum GpuKind {
 impl GpuKind {
     pub const ALL: [GpuKind; 4] = [GpuKind::H100, GpuKind::H200, GpuKind::A100, GpuKind::L40s];
 
+    /// Whether its tensor cores run fp8 (Hopper and Ada do, Ampere does not).
+    pub fn has_fp8(self) -> bool {
+        !matches!(self, GpuKind::A100)
+    }
+
     /// The CLI name (`h100`, `h200`, `a100`, `l40s`).
     pub fn name(self) -> &'static str {
         match self {

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 pub use gpu::{GpuKind, GpuSpec, Provenance};
-pub use step_time::{SeqWork, StepBreakdown, StepTimeModel};
+pub use step_time::{SeqWork, SimWeights, StepBreakdown, StepTimeModel};
 
 use proto::v1::InitRequest;
 
@@ -150,14 +150,9 @@ impl Backend for SimBackend {
 /// (the modelled GPU's memory after weights and the activations of the largest step
 /// `shape` allows; `kv_cache_bytes` is a CPU budget and is ignored), no collective.
 pub fn open(req: &InitRequest, dev: SimDevice, shape: InitShape) -> Result<Opened, WorkerError> {
-    if !matches!(req.dtype.as_str(), "" | "bf16") {
-        return Err(WorkerError::Config(format!(
-            "dtype '{}': the sim models bf16 serving",
-            req.dtype
-        )));
-    }
+    let weights: SimWeights = req.dtype.parse()?;
     let cfg = model_config(&req.model_path)?;
-    let model = StepTimeModel::new(cfg.clone(), dev.gpu.spec(), shape.tp)?;
+    let model = StepTimeModel::new(cfg.clone(), dev.gpu.spec(), shape.tp)?.with_weights(weights)?;
     let bs = shape.block_size;
     let mut blocks =
         model.kv_capacity_blocks(bs, dev.memory_utilization, shape.max_tokens, shape.max_seqs)?;
@@ -174,6 +169,7 @@ pub fn open(req: &InitRequest, dev: SimDevice, shape: InitShape) -> Result<Opene
         tp = shape.tp,
         rank = shape.rank,
         kv_blocks = blocks,
+        weights = model.weights().name(),
         decode_step_us_batch1 = model.decode_step(1, 512).total_us,
         "sim worker: no weights loaded; step times are modelled, not measured"
     );

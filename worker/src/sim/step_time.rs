@@ -26,8 +26,60 @@ use super::gpu::GpuSpec;
 use crate::config::ModelConfig;
 use crate::WorkerError;
 
-/// Bytes of one bf16 element: the sim models bf16 weights, activations and KV.
+/// Bytes of one bf16 element: the sim models bf16 activations and KV.
 const BF16: f64 = 2.0;
+
+/// How the modelled GPU stores the weights (`--dtype` of a sim worker, `stral plan
+/// --dtype`). Weight-only `int8` (W8A16) halves the bytes a GEMM streams and keeps
+/// bf16 tensor-core math; `fp8` (W8A8) also doubles the GEMM compute peak, and only
+/// GPUs with fp8 tensor cores (Hopper, Ada) have it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SimWeights {
+    #[default]
+    Bf16,
+    Int8,
+    Fp8,
+}
+
+impl SimWeights {
+    /// Bytes per weight (per-channel or per-block scales are below 1 % and ignored).
+    pub fn bytes_per_weight(self) -> f64 {
+        match self {
+            Self::Bf16 => 2.0,
+            Self::Int8 | Self::Fp8 => 1.0,
+        }
+    }
+
+    /// GEMM compute peak relative to bf16.
+    fn compute_factor(self) -> f64 {
+        match self {
+            Self::Bf16 | Self::Int8 => 1.0,
+            Self::Fp8 => 2.0,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bf16 => "bf16",
+            Self::Int8 => "int8",
+            Self::Fp8 => "fp8",
+        }
+    }
+}
+
+impl std::str::FromStr for SimWeights {
+    type Err = WorkerError;
+    fn from_str(s: &str) -> Result<Self, WorkerError> {
+        match s {
+            "" | "auto" | "bf16" => Ok(Self::Bf16),
+            "int8" => Ok(Self::Int8),
+            "fp8" => Ok(Self::Fp8),
+            other => Err(WorkerError::Config(format!(
+                "dtype '{other}': the sim models bf16, int8 (weight-only) or fp8 weights"
+            ))),
+        }
+    }
+}
 
 /// One sequence's part of a step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +124,7 @@ pub struct StepTimeModel {
     cfg: ModelConfig,
     gpu: GpuSpec,
     tp: usize,
+    weights: SimWeights,
 }
 
 impl StepTimeModel {
@@ -79,7 +132,29 @@ impl StepTimeModel {
     pub fn new(cfg: ModelConfig, gpu: GpuSpec, tp: usize) -> Result<Self, WorkerError> {
         cfg.validate()?;
         cfg.check_tp(tp)?;
-        Ok(Self { cfg, gpu, tp })
+        Ok(Self {
+            cfg,
+            gpu,
+            tp,
+            weights: SimWeights::Bf16,
+        })
+    }
+
+    /// The same model with weights stored as `weights`; fp8 is refused on a GPU
+    /// without fp8 tensor cores.
+    pub fn with_weights(mut self, weights: SimWeights) -> Result<Self, WorkerError> {
+        if weights == SimWeights::Fp8 && !self.gpu.kind.has_fp8() {
+            return Err(WorkerError::Config(format!(
+                "{} has no fp8 tensor cores: model it with --dtype bf16 or int8",
+                self.gpu.product
+            )));
+        }
+        self.weights = weights;
+        Ok(self)
+    }
+
+    pub fn weights(&self) -> SimWeights {
+        self.weights
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -94,9 +169,9 @@ impl StepTimeModel {
         self.tp
     }
 
-    /// bf16 weight bytes one rank holds (everything sharded ÷ TP).
+    /// Weight bytes one rank holds (everything sharded ÷ TP).
     pub fn weight_bytes_per_rank(&self) -> f64 {
-        self.cfg.n_params() as f64 * BF16 / self.tp as f64
+        self.cfg.n_params() as f64 * self.weights.bytes_per_weight() / self.tp as f64
     }
 
     /// bf16 KV bytes of one block of `block_size` tokens on one rank.
@@ -163,7 +238,8 @@ impl StepTimeModel {
         let g = &self.gpu;
         let tp = self.tp as f64;
         let bw = g.effective_bytes_per_us();
-        let gemm_peak = g.effective_gemm_flops_per_us();
+        let gemm_peak = g.effective_gemm_flops_per_us() * self.weights.compute_factor();
+        let wb = self.weights.bytes_per_weight();
         let attn_peak = g.peak_bf16_tflops * g.prefill_attention_efficiency * 1e6;
         let floor = g.kernel_floor_us;
         let layers = c.n_layers as f64;
@@ -186,8 +262,8 @@ impl StepTimeModel {
             c.hidden_dim as f64,
         );
         let gemm = |k: f64, n: f64, rows: f64| -> (f64, f64) {
-            let weights = k * n * BF16 / bw;
-            let bytes = (k * n + rows * (k + n)) * BF16 / bw;
+            let weights = k * n * wb / bw;
+            let bytes = weights + rows * (k + n) * BF16 / bw;
             let flops = 2.0 * rows * k * n / gemm_peak;
             (bytes.max(flops).max(floor), weights)
         };

@@ -330,30 +330,35 @@ impl Checkpoint {
             }
             Storage::Safetensors { .. } => self.tensor(p)?.rows(rows),
         };
+        Ok(self.to_internal(p, w, self.config.dim))
+    }
+
+    /// Columns `cols` of `p` as a `[rows, cols.len()]` f32 matrix, rows in the
+    /// internal convention.
+    pub fn load_cols(&self, p: Param, cols: Range<usize>) -> Result<Vec<f32>, WorkerError> {
+        let row_len = cols.len();
+        let w = match &self.storage {
+            Storage::Gguf(g) => {
+                let name = gguf::tensor_name(p);
+                let t = g.get(&name, &p.shape(&self.config))?;
+                g.cols(&name, t, cols)?
+            }
+            Storage::Safetensors { .. } => self.tensor(p)?.cols(cols),
+        };
+        Ok(self.to_internal(p, w, row_len))
+    }
+
+    /// Whole-head rows of `p` (each `row_len` long) reordered to rotate-half where
+    /// this layout stores rotary rows interleaved (Mistral and GGUF).
+    fn to_internal(&self, p: Param, w: Vec<f32>, row_len: usize) -> Vec<f32> {
         let interleaved = matches!(
             self.format,
             Layout::Gguf | Layout::Safetensors(CheckpointFormat::Mistral)
         );
         if p.is_rotary() && interleaved {
-            Ok(interleaved_to_half(
-                &w,
-                self.config.head_dim,
-                self.config.dim,
-            ))
+            interleaved_to_half(&w, self.config.head_dim, row_len)
         } else {
-            Ok(w)
-        }
-    }
-
-    /// Columns `cols` of `p` as a `[rows, cols.len()]` f32 matrix.
-    pub fn load_cols(&self, p: Param, cols: Range<usize>) -> Result<Vec<f32>, WorkerError> {
-        match &self.storage {
-            Storage::Gguf(g) => {
-                let name = gguf::tensor_name(p);
-                let t = g.get(&name, &p.shape(&self.config))?;
-                g.cols(&name, t, cols)
-            }
-            Storage::Safetensors { .. } => Ok(self.tensor(p)?.cols(cols)),
+            w
         }
     }
 }

@@ -4,7 +4,11 @@
 //! check refuses foreign special tokens; malformed files give one-line errors and
 //! random corruption never panics.
 //!
-//! The files are written by a small GGUF v3 writer below, which follows gguf-py's
+//! `fixtures/gguf/types.gguf` (written by `scripts/gguf/make_fixture.py` with gguf-py
+//! 0.17.1) holds one tensor per supported type; its JSON twin holds gguf-py's own
+//! dequantized values, the independent reference for stral's decoders.
+//!
+//! The model files are written by a small GGUF v3 writer below, which follows gguf-py's
 //! layout (header, key/values, tensor infos, data aligned to 32).
 
 use half::f16;
@@ -392,5 +396,42 @@ fn random_corruption_never_panics() {
             }
         });
         assert!(r.is_ok(), "panic on mutated file {b:?}");
+    }
+}
+
+#[test]
+fn every_type_decodes_to_gguf_py_dequantize() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    let g = GgufFile::open(&dir.join("types.gguf")).unwrap();
+    let text = std::fs::read_to_string(dir.join("types.json")).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for (name, want) in doc.as_object().unwrap() {
+        let ty = want["type"].as_str().unwrap();
+        let values: Vec<f32> = want["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let t = g.tensor_info(name).unwrap();
+        assert_eq!(
+            format!("{:?}", t.ty).to_uppercase().replace("4K", "4_K"),
+            ty,
+            "{name}"
+        );
+        let got = g.rows(name, t, 0..t.shape[0]).unwrap();
+        assert_eq!(got.len(), values.len(), "{name}");
+        let tol = if ty.starts_with('Q') { 1e-6 } else { 0.0 };
+        for (i, (a, b)) in got.iter().zip(&values).enumerate() {
+            assert!((a - b).abs() <= tol, "{name}[{i}]: stral {a}, gguf-py {b}");
+        }
+        // A rank's half of the columns is the same values.
+        let half = t.shape[1] / 2;
+        let right = g.cols(name, t, half..t.shape[1]).unwrap();
+        let expect: Vec<f32> = got
+            .chunks(t.shape[1])
+            .flat_map(|r| r[half..].to_vec())
+            .collect();
+        assert_eq!(right, expect, "{name} columns");
     }
 }

@@ -153,6 +153,13 @@ pub enum Layout {
     Gguf,
 }
 
+/// A safetensors checkpoint's layout compares equal to its `CheckpointFormat`.
+impl PartialEq<CheckpointFormat> for Layout {
+    fn eq(&self, other: &CheckpointFormat) -> bool {
+        *self == Layout::Safetensors(*other)
+    }
+}
+
 enum Storage {
     Safetensors {
         files: Vec<MappedFile>,

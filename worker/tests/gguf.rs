@@ -435,3 +435,31 @@ fn every_type_decodes_to_gguf_py_dequantize() {
         assert_eq!(right, expect, "{name} columns");
     }
 }
+
+#[test]
+fn the_cpu_model_on_the_f32_gguf_gives_the_safetensors_logits() {
+    let cfg = config();
+    let dir = tempfile::tempdir().unwrap();
+    let st = tempfile::tempdir().unwrap();
+    write(dir.path(), &model_writer(&cfg, F32));
+    let g = Checkpoint::open(dir.path()).unwrap();
+    let s = safetensors_twin(st.path(), &cfg);
+    assert_eq!(g.format, worker::checkpoint::Layout::Gguf);
+    let prompt: Vec<u32> = (0..19).map(|i| (i * 7919 + 13) % 1024).collect();
+    for tp in [1, 2] {
+        let (tg, lg) = worker::local::LocalTpGroup::load(&g, tp, 16, 16)
+            .unwrap()
+            .generate_greedy(&prompt, 4, 64)
+            .unwrap();
+        let (ts, ls) = worker::local::LocalTpGroup::load(&s, tp, 16, 16)
+            .unwrap()
+            .generate_greedy(&prompt, 4, 64)
+            .unwrap();
+        assert_eq!(tg, ts, "tp {tp}");
+        for (a, b) in lg.iter().zip(&ls) {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-5, "tp {tp}: {x} vs {y}");
+            }
+        }
+    }
+}

@@ -355,7 +355,8 @@ impl ServeArgs {
         } else if worker::sim::is_synthetic(&source) {
             anyhow::bail!("--model {source} is a shape without weights: serve it with --worker-backend sim --gpu GPU");
         } else if self.workers.is_none() {
-            let (cfg, _) = worker::ModelConfig::from_dir(model_dir)?;
+            // Headers only: a safetensors directory, a `.gguf` file or a directory holding one.
+            let cfg = worker::checkpoint::Checkpoint::open(model_dir)?.config;
             cfg.check_tp(self.tp)?;
         }
         Ok(())

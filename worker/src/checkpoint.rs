@@ -7,6 +7,10 @@
 //! each head at load time ([`interleaved_to_half`]) and back when written
 //! ([`half_to_interleaved`]).
 //!
+//! GGUF files ([`crate::gguf`]) store `wq`/`wk` rows in interleaved-pair order too
+//! (llama.cpp's converter permutes HF rows back), so they get the same permutation;
+//! their other tensors need none. Their quantized types decode to f32 here.
+//!
 //! Invariant: a rank reads only its own slices (whole heads / rows / columns), so no
 //! process ever materialises the full 44.5 GB model.
 
@@ -15,6 +19,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use crate::config::{CheckpointFormat, ModelConfig};
+use crate::gguf::{self, GgufFile};
 use crate::safetensors_io::{MappedFile, StoredTensor};
 use crate::WorkerError;
 
@@ -139,19 +144,52 @@ fn permute_head_rows(
     out
 }
 
-/// An opened checkpoint directory: its config, layout and memory-mapped files.
+/// How an opened checkpoint is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Safetensors files in the Mistral or Hugging Face layout.
+    Safetensors(CheckpointFormat),
+    /// One GGUF file (`llama` architecture tensor names and metadata).
+    Gguf,
+}
+
+/// A safetensors checkpoint's layout compares equal to its `CheckpointFormat`.
+impl PartialEq<CheckpointFormat> for Layout {
+    fn eq(&self, other: &CheckpointFormat) -> bool {
+        *self == Layout::Safetensors(*other)
+    }
+}
+
+enum Storage {
+    Safetensors {
+        files: Vec<MappedFile>,
+        /// Tensor name → index into `files`.
+        index: HashMap<String, usize>,
+    },
+    Gguf(GgufFile),
+}
+
+/// An opened checkpoint: its config, layout and memory-mapped files.
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub config: ModelConfig,
-    pub format: CheckpointFormat,
-    files: Vec<MappedFile>,
-    /// Tensor name → index into `files`.
-    index: HashMap<String, usize>,
+    pub format: Layout,
+    storage: Storage,
 }
 
 impl Checkpoint {
-    /// Opens a checkpoint in either layout; parses headers only.
+    /// Opens a checkpoint: a safetensors directory in either layout, a `.gguf` file,
+    /// or a directory holding exactly one `.gguf` file (and no config); parses headers only.
     pub fn open(dir: &Path) -> Result<Self, WorkerError> {
+        if let Some(file) = Self::gguf_file(dir)? {
+            let g = GgufFile::open(&file)?;
+            return Ok(Self {
+                dir: file,
+                config: g.model_config()?,
+                format: Layout::Gguf,
+                storage: Storage::Gguf(g),
+            });
+        }
         let (config, format) = ModelConfig::from_dir(dir)?;
         let paths = match format {
             CheckpointFormat::Mistral => Self::mistral_files(dir)?,
@@ -170,10 +208,38 @@ impl Checkpoint {
         Ok(Self {
             dir: dir.to_path_buf(),
             config,
-            format,
-            files,
-            index,
+            format: Layout::Safetensors(format),
+            storage: Storage::Safetensors { files, index },
         })
+    }
+
+    /// The GGUF file `path` names: itself if it is a `.gguf` file, or the one `.gguf`
+    /// in a directory without `params.json`/`config.json`.
+    fn gguf_file(path: &Path) -> Result<Option<PathBuf>, WorkerError> {
+        let is_gguf = |p: &Path| p.extension().is_some_and(|e| e == "gguf");
+        if path.is_file() {
+            return Ok(is_gguf(path).then(|| path.to_path_buf()));
+        }
+        if !path.is_dir()
+            || path.join("params.json").is_file()
+            || path.join("config.json").is_file()
+        {
+            return Ok(None);
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| WorkerError::io(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && is_gguf(p))
+            .collect();
+        found.sort();
+        match found.len() {
+            0 => Ok(None),
+            1 => Ok(found.pop()),
+            n => Err(WorkerError::Checkpoint(format!(
+                "{} holds {n} .gguf files; pass --model the one to serve",
+                path.display()
+            ))),
+        }
     }
 
     fn mistral_files(dir: &Path) -> Result<Vec<PathBuf>, WorkerError> {
@@ -229,9 +295,19 @@ impl Checkpoint {
         )))
     }
 
-    /// The stored tensor for `p`, checked against the shape the config implies.
+    /// The stored safetensors tensor for `p`, checked against the shape the config
+    /// implies (a GGUF checkpoint has no such view: use [`Self::load_rows`]).
     pub fn tensor(&self, p: Param) -> Result<StoredTensor<'_>, WorkerError> {
-        let name = p.name(self.format);
+        let (Layout::Safetensors(format), Storage::Safetensors { files, index }) =
+            (self.format, &self.storage)
+        else {
+            return Err(WorkerError::Checkpoint(format!(
+                "{}: a GGUF checkpoint has no safetensors view of {}",
+                self.dir.display(),
+                gguf::tensor_name(p)
+            )));
+        };
+        let name = p.name(format);
         let expected = p.shape(&self.config);
         let missing = || {
             WorkerError::Checkpoint(format!(
@@ -239,8 +315,8 @@ impl Checkpoint {
                 self.dir.display()
             ))
         };
-        let file = self.index.get(&name).ok_or_else(missing)?;
-        let t = self.files[*file].get(&name)?.ok_or_else(missing)?;
+        let file = index.get(&name).ok_or_else(missing)?;
+        let t = files[*file].get(&name)?.ok_or_else(missing)?;
         if t.shape != expected.as_slice() {
             return Err(WorkerError::Checkpoint(format!(
                 "tensor {name} has shape {:?}, expected {expected:?}",
@@ -253,22 +329,44 @@ impl Checkpoint {
     /// Rows `rows` of `p` as f32, in the internal (rotate-half) convention. For
     /// rotary projections the range must cover whole heads.
     pub fn load_rows(&self, p: Param, rows: Range<usize>) -> Result<Vec<f32>, WorkerError> {
-        let t = self.tensor(p)?;
-        let w = t.rows(rows);
-        if p.is_rotary() && self.format == CheckpointFormat::Mistral {
-            Ok(interleaved_to_half(
-                &w,
-                self.config.head_dim,
-                self.config.dim,
-            ))
-        } else {
-            Ok(w)
-        }
+        let w = match &self.storage {
+            Storage::Gguf(g) => {
+                let name = gguf::tensor_name(p);
+                let t = g.get(&name, &p.shape(&self.config))?;
+                g.rows(&name, t, rows)?
+            }
+            Storage::Safetensors { .. } => self.tensor(p)?.rows(rows),
+        };
+        Ok(self.to_internal(p, w, self.config.dim))
     }
 
-    /// Columns `cols` of `p` as a `[rows, cols.len()]` f32 matrix.
+    /// Columns `cols` of `p` as a `[rows, cols.len()]` f32 matrix, rows in the
+    /// internal convention.
     pub fn load_cols(&self, p: Param, cols: Range<usize>) -> Result<Vec<f32>, WorkerError> {
-        Ok(self.tensor(p)?.cols(cols))
+        let row_len = cols.len();
+        let w = match &self.storage {
+            Storage::Gguf(g) => {
+                let name = gguf::tensor_name(p);
+                let t = g.get(&name, &p.shape(&self.config))?;
+                g.cols(&name, t, cols)?
+            }
+            Storage::Safetensors { .. } => self.tensor(p)?.cols(cols),
+        };
+        Ok(self.to_internal(p, w, row_len))
+    }
+
+    /// Whole-head rows of `p` (each `row_len` long) reordered to rotate-half where
+    /// this layout stores rotary rows interleaved (Mistral and GGUF).
+    fn to_internal(&self, p: Param, w: Vec<f32>, row_len: usize) -> Vec<f32> {
+        let interleaved = matches!(
+            self.format,
+            Layout::Gguf | Layout::Safetensors(CheckpointFormat::Mistral)
+        );
+        if p.is_rotary() && interleaved {
+            interleaved_to_half(&w, self.config.head_dim, row_len)
+        } else {
+            w
+        }
     }
 }
 

@@ -21,7 +21,7 @@
 //! | [`backend`] | the `Backend` trait, the CPU and null backends, what `Init` hands a backend |
 //! | [`cuda`] (`cuda::init`) / [`sim`] | the CUDA backend and its `Init` / the sim backend and its `Init`, GPU table, step-time model |
 //! | [`model`], [`sampler`] | the CPU forward pass and step input / per-sequence sampling and draft verification |
-//! | [`checkpoint`], [`safetensors_io`], [`config`], [`synth`], [`embedded`] | weights and model shapes |
+//! | [`checkpoint`], [`safetensors_io`], [`gguf`], [`config`], [`synth`], [`embedded`] | weights and model shapes |
 //! | [`collective`], [`tcp_collective`], [`local`] | all-reduce and gather between ranks; an in-process TP group |
 //! | [`fault`] | the test-only crash hook (`STRAL_FAULT_CRASH_ON_TOKEN`) |
 //!
@@ -36,6 +36,7 @@ pub mod config;
 pub mod cuda;
 pub mod embedded;
 pub mod fault;
+pub mod gguf;
 pub mod init;
 pub mod local;
 pub mod model;

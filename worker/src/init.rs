@@ -21,7 +21,7 @@ use proto::v1::{InitReply, InitRequest, ModelFacts};
 use crate::backend::{CpuBackend, InitShape, NullBackend, Opened};
 use kernels::quant::WeightDtype;
 
-use crate::checkpoint::{Checkpoint, Param};
+use crate::checkpoint::{Checkpoint, Layout, Param};
 use crate::collective::{Collective, SoloCollective};
 use crate::cuda::CudaDevice;
 use crate::model::{CpuModel, RankWeights, ShardSpec};
@@ -235,7 +235,7 @@ fn open_cpu(
 
 /// The CPU backend's `dtype` choices: `auto` (also `""`) stores weights as the
 /// checkpoint does where the CPU supports that (f32, bf16; f16 checkpoints widen to
-/// f32), or one format for every checkpoint.
+/// f32; GGUF tensors are decoded to f32), or one format for every checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum CpuDtype {
     Auto,
@@ -257,6 +257,8 @@ impl CpuDtype {
     fn resolve(self, ckpt: &Checkpoint) -> Result<WeightDtype, WorkerError> {
         Ok(match self {
             Self::Fixed(d) => d,
+            // A GGUF file's tensors are decoded to f32 at load.
+            Self::Auto if ckpt.format == Layout::Gguf => WeightDtype::F32,
             Self::Auto => match ckpt.tensor(Param::Output)?.dtype {
                 StoredDtype::Bf16 => WeightDtype::Bf16,
                 StoredDtype::F32 | StoredDtype::F16 => WeightDtype::F32,

@@ -67,19 +67,22 @@ fn greedy_output_is_identical_with_prompt_lookup_on_and_off_for_tp_1_and_2() {
             &[&common_args[..], &["--speculative", "none"]].concat(),
         );
         let expected = run(&plain);
-        assert_eq!(plain.metric("stral_spec_draft_tokens_total"), 0.0);
+        assert_eq!(
+            plain.metric("stral_spec_draft_tokens_total{source=\"ngram\"}"),
+            0.0
+        );
         drop(plain);
         let spec = Server::start(model_dir(), tp_n, &common_args);
         let got = run(&spec);
         assert_eq!(got, expected, "TP={tp}: speculation changed greedy output");
-        let drafted = spec.metric("stral_spec_draft_tokens_total");
-        let accepted = spec.metric("stral_spec_accepted_tokens_total");
+        let drafted = spec.metric("stral_spec_draft_tokens_total{source=\"ngram\"}");
+        let accepted = spec.metric("stral_spec_accepted_tokens_total{source=\"ngram\"}");
         assert!(
             accepted > 0.0,
             "TP={tp}: no draft accepted ({drafted} drafted)"
         );
         assert_eq!(
-            spec.metric("stral_spec_rejected_tokens_total"),
+            spec.metric("stral_spec_rejected_tokens_total{source=\"ngram\"}"),
             drafted - accepted
         );
         assert_eq!(spec.metric("stral_kv_blocks_used"), 0.0, "TP={tp}");
@@ -99,7 +102,7 @@ fn a_seeded_sampled_request_with_drafts_gives_the_same_text_twice() {
         a["choices"][0]["message"]["content"],
         b["choices"][0]["message"]["content"]
     );
-    assert!(server.metric("stral_spec_draft_tokens_total") > 0.0);
+    assert!(server.metric("stral_spec_draft_tokens_total{source=\"ngram\"}") > 0.0);
     assert_eq!(server.metric("stral_kv_blocks_used"), 0.0);
 }
 

@@ -10,6 +10,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use crate::engine::draft::{DraftSource, SpecCounters, ACCEPT_LEN_BUCKETS};
 use crate::engine::EngineStats;
 use crate::histogram::Histogram;
 
@@ -69,21 +70,6 @@ impl Metrics {
                 engine.steps,
             ),
             (
-                "stral_spec_draft_tokens_total",
-                "Speculative draft tokens verified (prompt lookup).",
-                engine.draft_tokens,
-            ),
-            (
-                "stral_spec_accepted_tokens_total",
-                "Speculative draft tokens accepted.",
-                engine.accepted_draft_tokens,
-            ),
-            (
-                "stral_spec_rejected_tokens_total",
-                "Speculative draft tokens rejected.",
-                engine.draft_tokens - engine.accepted_draft_tokens,
-            ),
-            (
                 "stral_preemptions_total",
                 "Sequences preempted by recompute.",
                 engine.preemptions,
@@ -104,6 +90,7 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
             );
         }
+        render_spec(out, &engine.spec);
         let _ = writeln!(out, "# HELP stral_requests_total HTTP requests by endpoint and status.\n# TYPE stral_requests_total counter");
         for ((endpoint, status), n) in self.requests.lock().expect("metrics lock").iter() {
             let _ = writeln!(
@@ -128,6 +115,54 @@ impl Metrics {
             h.render(out, name, help);
         }
     }
+}
+
+/// The speculation counters by draft source, and the acceptance-length histogram.
+fn render_spec(out: &mut String, spec: &SpecCounters) {
+    for (name, help, value) in [
+        (
+            "stral_spec_draft_tokens_total",
+            "Speculative draft tokens verified, by draft source.",
+            spec.drafted,
+        ),
+        (
+            "stral_spec_accepted_tokens_total",
+            "Speculative draft tokens accepted, by draft source.",
+            spec.accepted,
+        ),
+        (
+            "stral_spec_rejected_tokens_total",
+            "Speculative draft tokens rejected, by draft source.",
+            [0, 1].map(|i| spec.drafted[i] - spec.accepted[i]),
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for source in DraftSource::ALL {
+            let _ = writeln!(
+                out,
+                "{name}{{source=\"{}\"}} {}",
+                source.label(),
+                value[source as usize]
+            );
+        }
+    }
+    let name = "stral_spec_acceptance_length";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Draft tokens accepted per verified draft.\n# TYPE {name} histogram"
+    );
+    let sum: u64 = spec.accepted.iter().sum();
+    let mut cumulative = 0;
+    for (len, &n) in spec.accept_len.iter().enumerate() {
+        cumulative += n;
+        if len + 1 < ACCEPT_LEN_BUCKETS {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{len}\"}} {cumulative}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{le=\"+Inf\"}} {cumulative}\n{name}_sum {sum}\n{name}_count {cumulative}"
+    );
 }
 
 /// Readiness, queue, KV-cache and prefix-cache gauges from the engine's snapshot.

@@ -56,6 +56,11 @@ pub struct GenerateRequest {
     pub priority: Priority,
     /// Token ids that end the sequence (EOS), not emitted as text.
     pub stop_token_ids: Vec<u32>,
+    /// The predicted output, tokenized: the sequence's draft source when speculating
+    /// (`engine::draft::PredictionDraft`).
+    pub prediction: Option<Vec<u32>>,
+    /// The request opted out of speculative decoding (no drafts of any source).
+    pub no_speculation: bool,
 }
 
 /// One sampled token with its optional log-probabilities.
@@ -68,6 +73,11 @@ pub struct TokenEvent {
     /// On a request's first token only: prompt tokens the prefix cache served (also in
     /// `Finished`, which a request ended early by a stop string never reads).
     pub cached_tokens: Option<u32>,
+    /// This token was a draft token the verification accepted.
+    pub accepted_draft: bool,
+    /// Draft tokens rejected in the step that produced this token (set on the step's
+    /// last token of the sequence only).
+    pub rejected_drafts: u32,
 }
 
 /// What a request's stream yields, in order: tokens, then exactly one of

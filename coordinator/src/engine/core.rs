@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::api::{EngineError, EngineEvent, FinishReason, GenerateRequest, RequestId, TokenEvent};
-use super::draft::{self, DraftLength, NgramIndex};
+use super::draft::{self, DraftSource, Drafter, SpecCounters};
 use super::executor::{ExecError, Executor, GroupFacts, PlannedSeq, Sampled, WorkPlan};
 use super::step_target::StepTarget;
 use super::{Command, EngineHandle, Shared, StepPhases};
@@ -108,8 +108,7 @@ pub fn run_engine<E: Executor>(
         step_time,
         phases,
         requests: HashMap::new(),
-        draft_tokens: 0,
-        accepted_draft_tokens: 0,
+        spec: SpecCounters::default(),
         pending: Vec::new(),
         finished: Vec::new(),
         outbox: Outbox {
@@ -193,8 +192,11 @@ struct Live {
     crashed_steps: u32,
     /// When it lost its worker group, while waiting to be readmitted.
     lost_at: Option<Instant>,
-    /// Prompt lookup over `prompt + output`, when this request speculates.
-    drafts: Option<(NgramIndex, DraftLength)>,
+    /// Prompt lookup over `prompt + output` and the prediction, when this request
+    /// speculates.
+    drafts: Option<Drafter>,
+    /// The source of the draft proposed for the coming step.
+    draft_source: DraftSource,
 }
 
 impl Live {
@@ -209,6 +211,7 @@ impl Live {
             crashed_steps: 0,
             lost_at: None,
             drafts: None,
+            draft_source: DraftSource::Ngram,
         }
     }
 }
@@ -221,9 +224,8 @@ struct Engine<E: Executor> {
     step_time: Arc<Histogram>,
     phases: Arc<StepPhases>,
     requests: HashMap<RequestId, Live>,
-    /// Draft tokens verified and accepted since start (metrics).
-    draft_tokens: u64,
-    accepted_draft_tokens: u64,
+    /// Speculation counters since start (metrics).
+    spec: SpecCounters,
     /// Token events of the last step, not yet sent (see [`Engine::deliver`]).
     pending: Vec<(RequestId, EngineEvent)>,
     outbox: Outbox,
@@ -640,10 +642,11 @@ impl<E: Executor> Engine<E> {
                     // Logprobs are reported for one token per step: no drafts then.
                     if self.config.speculative == Speculative::Ngram
                         && k > 0
+                        && !live.request.no_speculation
                         && live.request.sampling.logprobs.is_none()
                     {
-                        live.drafts =
-                            Some((NgramIndex::new(&live.request.prompt), DraftLength::new(k)));
+                        let r = &mut live.request;
+                        live.drafts = Some(Drafter::new(&r.prompt, r.prediction.take(), k));
                     }
                     self.requests.insert(id, live);
                 } else if admitted {
@@ -661,16 +664,18 @@ impl<E: Executor> Engine<E> {
         }
     }
 
-    /// Proposes each speculating request's prompt-lookup draft for the next step, as
-    /// long as its draft length affords (none when the batch is large).
+    /// Proposes each speculating request's draft (prediction, else prompt lookup) for
+    /// the next step, as long as its draft length affords (none when the batch is large).
     fn propose_drafts(&mut self, sched: &mut Scheduler) {
         let running = sched.counters().running;
         let budget = sched.config().max_num_batched_tokens;
-        for (&id, live) in &self.requests {
-            if let Some((index, k)) = &live.drafts {
-                let k = draft::affordable(k.get(), running, budget);
+        for (&id, live) in &mut self.requests {
+            if let Some(drafter) = &live.drafts {
+                let k = draft::affordable(drafter.length.get(), running, budget);
                 if k > 0 {
-                    sched.set_draft(id, &index.draft(k));
+                    let (tokens, source) = drafter.draft(k);
+                    live.draft_source = source;
+                    sched.set_draft(id, &tokens);
                 }
             }
         }
@@ -734,16 +739,17 @@ impl<E: Executor> Engine<E> {
             let drafts = entry.map_or(&[][..], |e| plan.drafts(e));
             let accepted = &drafts[..(s.accepted as usize).min(drafts.len())];
             let last = accepted.len();
-            if let Some((_, k)) = &mut live.drafts {
-                k.observe(drafts.len(), accepted.len());
+            if let Some(drafter) = &mut live.drafts {
+                drafter.length.observe(drafts.len(), accepted.len());
             }
-            self.draft_tokens += drafts.len() as u64;
-            self.accepted_draft_tokens += accepted.len() as u64;
+            self.spec
+                .record(live.draft_source, drafts.len(), accepted.len());
+            let rejected = (drafts.len() - accepted.len()) as u32;
             for (i, &token) in accepted.iter().chain([&s.token]).enumerate() {
                 live.generated += 1;
                 live.output.push(token);
-                if let Some((index, _)) = &mut live.drafts {
-                    index.push(token);
+                if let Some(drafter) = &mut live.drafts {
+                    drafter.push(token);
                 }
                 tokens.push((s.seq_id, token));
                 if live.request.stop_token_ids.contains(&token) || live.events.is_closed() {
@@ -762,6 +768,8 @@ impl<E: Executor> Engine<E> {
                         logprob,
                         top_logprobs,
                         cached_tokens: (live.generated == 1).then(|| live.cached.unwrap_or(0)),
+                        accepted_draft: i < last,
+                        rejected_drafts: if i == last { rejected } else { 0 },
                     }),
                 ));
             }
@@ -808,8 +816,7 @@ impl<E: Executor> Engine<E> {
         st.prefix_cache_hit_rate = c.prefix_hit_rate();
         st.steps = self.steps;
         st.preemptions = c.preemptions;
-        st.draft_tokens = self.draft_tokens;
-        st.accepted_draft_tokens = self.accepted_draft_tokens;
+        st.spec = self.spec;
         st.worker_restarts = self.shared.worker_restarts.load(Ordering::Relaxed);
         st.requests_recovered = self.shared.requests_recovered.load(Ordering::Relaxed);
     }

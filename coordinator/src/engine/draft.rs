@@ -1,10 +1,16 @@
-//! Prompt-lookup drafts for speculative decoding: per sequence, an index of the
-//! n-grams of its tokens (prompt + output) that proposes, for the longest recent
+//! Draft sources for speculative decoding, per sequence: prompt lookup (an index of
+//! the n-grams of its tokens, prompt + output, that proposes, for the longest recent
 //! n-gram at the end of the sequence that also occurred earlier, the tokens that
-//! followed its latest earlier occurrence — and the per-sequence draft length policy.
+//! followed its latest earlier occurrence), a request's predicted output
+//! ([`PredictionDraft`]), and the per-sequence draft length policy.
 //!
-//! Owns: [`NgramIndex`] (one per speculating sequence) and [`DraftLength`] (k adapted
-//! from recent acceptance). Invariant: the index holds, for every n in
+//! Rule: a request with a `prediction` drafts from it; when the prediction has
+//! nothing to propose (exhausted, or the output's last n-gram is nowhere in it) the
+//! sequence falls back to prompt lookup for that step ([`Drafter::draft`]).
+//!
+//! Owns: [`NgramIndex`] (one per speculating sequence), [`PredictionDraft`] (one per
+//! request with a prediction), [`Drafter`] (both plus the length) and [`DraftLength`]
+//! (k adapted from recent acceptance). Invariant: the index holds, for every n in
 //! `1..=MAX_NGRAM`, the latest end position of each n-gram that ends before the last
 //! token, so a lookup never matches the sequence's own end.
 //!
@@ -84,6 +90,179 @@ impl NgramIndex {
             return self.tokens[from..(from + k).min(len)].to_vec();
         }
         Vec::new()
+    }
+}
+
+/// Longest output n-gram a [`PredictionDraft`] re-aligns on after a mismatch.
+pub const REALIGN_NGRAM: usize = 3;
+
+/// Which source proposed a draft (the label of the speculation metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DraftSource {
+    Prediction = 0,
+    Ngram = 1,
+}
+
+impl DraftSource {
+    pub const ALL: [Self; 2] = [Self::Prediction, Self::Ngram];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Prediction => "prediction",
+            Self::Ngram => "ngram",
+        }
+    }
+}
+
+/// A request's predicted output, aligned with what was generated so far: `cursor` is
+/// the prediction position expected next. A generated token equal to the expected
+/// one advances the cursor; any other re-aligns it just past the earliest occurrence,
+/// at or after the furthest cursor if there is one, of the longest of the output's last
+/// 1..=[`REALIGN_NGRAM`] tokens in the prediction (none found: no cursor until an
+/// n-gram matches again).
+///
+/// Costs: building is O(REALIGN_NGRAM × prediction); a token is O(1) when it matches,
+/// otherwise at most REALIGN_NGRAM hash probes plus a binary search; a draft is O(k).
+#[derive(Clone, Debug, Default)]
+pub struct PredictionDraft {
+    tokens: Vec<u32>,
+    /// Per n − 1: hash of an n-gram of the prediction → its end positions, ascending.
+    ends: [HashMap<u64, Vec<usize>>; REALIGN_NGRAM],
+    cursor: Option<usize>,
+    /// The furthest the cursor has been: re-alignment prefers occurrences past it.
+    mark: usize,
+    /// The last REALIGN_NGRAM generated tokens, oldest first.
+    recent: Vec<u32>,
+}
+
+impl PredictionDraft {
+    /// The prediction `tokens`, aligned with the start of the output.
+    pub fn new(tokens: Vec<u32>) -> Self {
+        let mut ends: [HashMap<u64, Vec<usize>>; REALIGN_NGRAM] = Default::default();
+        for end in 0..tokens.len() {
+            for n in 1..=REALIGN_NGRAM.min(end + 1) {
+                let gram = &tokens[end + 1 - n..=end];
+                ends[n - 1].entry(ngram_hash(gram)).or_default().push(end);
+            }
+        }
+        Self {
+            tokens,
+            ends,
+            cursor: Some(0),
+            mark: 0,
+            recent: Vec::with_capacity(REALIGN_NGRAM),
+        }
+    }
+
+    /// Learns one generated token.
+    pub fn push(&mut self, token: u32) {
+        if self.recent.len() == REALIGN_NGRAM {
+            self.recent.remove(0);
+        }
+        self.recent.push(token);
+        self.cursor = match self.cursor {
+            Some(c) if self.tokens.get(c) == Some(&token) => Some(c + 1),
+            _ => self.realign(),
+        };
+        if let Some(c) = self.cursor {
+            self.mark = self.mark.max(c);
+        }
+    }
+
+    /// The position after the earliest occurrence (past `mark` if possible) of the
+    /// longest suffix of `recent` found in the prediction.
+    fn realign(&self) -> Option<usize> {
+        for n in (1..=self.recent.len()).rev() {
+            let gram = &self.recent[self.recent.len() - n..];
+            let Some(ends) = self.ends[n - 1].get(&ngram_hash(gram)) else {
+                continue;
+            };
+            let verified = |&&end: &&usize| &self.tokens[end + 1 - n..=end] == gram;
+            let after = ends.partition_point(|&e| e < self.mark);
+            if let Some(&end) = ends[after..]
+                .iter()
+                .find(verified)
+                .or_else(|| ends.iter().find(verified))
+            {
+                return Some(end + 1);
+            }
+        }
+        None
+    }
+
+    /// Up to `k` predicted tokens from the cursor; empty when not aligned or at the end.
+    pub fn draft(&self, k: usize) -> &[u32] {
+        match self.cursor {
+            Some(c) if c < self.tokens.len() => &self.tokens[c..(c + k).min(self.tokens.len())],
+            _ => &[],
+        }
+    }
+}
+
+/// The draft state of one speculating sequence: prompt lookup, the prediction when
+/// the request has one, and the adaptive draft length.
+#[derive(Clone, Debug)]
+pub struct Drafter {
+    pub ngram: NgramIndex,
+    pub prediction: Option<PredictionDraft>,
+    pub length: DraftLength,
+}
+
+impl Drafter {
+    /// Drafts for a sequence with `prompt`, an optional tokenized prediction, and a
+    /// draft length capped at `k`.
+    pub fn new(prompt: &[u32], prediction: Option<Vec<u32>>, k: usize) -> Self {
+        Self {
+            ngram: NgramIndex::new(prompt),
+            prediction: prediction.map(PredictionDraft::new),
+            length: DraftLength::new(k),
+        }
+    }
+
+    /// Learns one generated token.
+    pub fn push(&mut self, token: u32) {
+        self.ngram.push(token);
+        if let Some(p) = &mut self.prediction {
+            p.push(token);
+        }
+    }
+
+    /// Up to `k` draft tokens and their source: the prediction's when it proposes
+    /// any, prompt lookup's otherwise.
+    pub fn draft(&self, k: usize) -> (Vec<u32>, DraftSource) {
+        if let Some(p) = &self.prediction {
+            let d = p.draft(k);
+            if !d.is_empty() {
+                return (d.to_vec(), DraftSource::Prediction);
+            }
+        }
+        (self.ngram.draft(k), DraftSource::Ngram)
+    }
+}
+
+/// Buckets of the acceptance-length histogram: 0..=ACCEPT_LEN_BUCKETS − 1 accepted
+/// tokens, the last bucket holding that many or more.
+pub const ACCEPT_LEN_BUCKETS: usize = 17;
+
+/// Speculation counters since start, by [`DraftSource`] (index `source as usize`),
+/// and how many tokens each verified draft had accepted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpecCounters {
+    pub drafted: [u64; 2],
+    pub accepted: [u64; 2],
+    /// Verified drafts by accepted length (the last bucket: that many or more).
+    pub accept_len: [u64; ACCEPT_LEN_BUCKETS],
+}
+
+impl SpecCounters {
+    /// Records one verified draft of `proposed` tokens of which `accepted` passed.
+    pub fn record(&mut self, source: DraftSource, proposed: usize, accepted: usize) {
+        if proposed == 0 {
+            return;
+        }
+        self.drafted[source as usize] += proposed as u64;
+        self.accepted[source as usize] += accepted as u64;
+        self.accept_len[accepted.min(ACCEPT_LEN_BUCKETS - 1)] += 1;
     }
 }
 
@@ -170,6 +349,74 @@ mod tests {
             assert_eq!(grown.draft(k), whole.draft(k));
         }
         assert_eq!(whole.draft(4).len(), 4);
+    }
+
+    fn predicted(prediction: &[u32], generated: &[u32]) -> PredictionDraft {
+        let mut p = PredictionDraft::new(prediction.to_vec());
+        for &t in generated {
+            p.push(t);
+        }
+        p
+    }
+
+    #[test]
+    fn a_prediction_drafts_its_next_tokens_while_the_output_follows_it() {
+        let p = predicted(&[10, 11, 12, 13, 14], &[]);
+        assert_eq!(p.draft(3), [10, 11, 12]);
+        let p = predicted(&[10, 11, 12, 13, 14], &[10, 11]);
+        assert_eq!(
+            p.draft(8),
+            [12, 13, 14],
+            "the draft stops at the prediction's end"
+        );
+        assert!(predicted(&[10, 11], &[10, 11]).draft(4).is_empty());
+    }
+
+    #[test]
+    fn after_a_changed_token_the_prediction_realigns_on_the_last_ngram() {
+        // Output replaced 12 by 99, then went on with 13: re-aligned after "13".
+        let p = predicted(&[10, 11, 12, 13, 14, 15], &[10, 11, 99, 13]);
+        assert_eq!(p.draft(2), [14, 15]);
+        // An inserted token: "11 77" is unknown, but the next "12" realigns.
+        let p = predicted(&[10, 11, 12, 13, 14], &[10, 11, 77, 12]);
+        assert_eq!(p.draft(2), [13, 14]);
+        // Garbage proposes nothing.
+        assert!(predicted(&[10, 11, 12], &[50, 51]).draft(4).is_empty());
+    }
+
+    #[test]
+    fn realignment_prefers_the_occurrence_after_the_cursor() {
+        // "5 6" occurs twice; having passed the first, the output resumes at the second.
+        let p = predicted(&[5, 6, 1, 2, 5, 6, 3], &[5, 6, 1, 2, 9, 5, 6]);
+        assert_eq!(p.draft(1), [3]);
+    }
+
+    #[test]
+    fn a_drafter_falls_back_to_prompt_lookup_when_the_prediction_is_silent() {
+        let mut d = Drafter::new(&[1, 2, 3, 4, 1, 2], Some(vec![3, 8]), 4);
+        assert_eq!(d.draft(4), (vec![3, 8], DraftSource::Prediction));
+        for t in [3, 8] {
+            d.push(t);
+        }
+        // Prediction exhausted: prompt + output = 1 2 3 4 1 2 3 8 has no repeat of "3 8".
+        assert_eq!(d.draft(4), (vec![], DraftSource::Ngram));
+        d.push(1);
+        d.push(2);
+        assert_eq!(d.draft(2), (vec![3, 8], DraftSource::Ngram));
+    }
+
+    #[test]
+    fn counters_split_by_source_and_bucket_accepted_lengths() {
+        let mut c = SpecCounters::default();
+        c.record(DraftSource::Prediction, 8, 8);
+        c.record(DraftSource::Ngram, 3, 0);
+        c.record(DraftSource::Ngram, 0, 0);
+        c.record(DraftSource::Prediction, 40, 30);
+        assert_eq!(c.drafted, [48, 3]);
+        assert_eq!(c.accepted, [38, 0]);
+        assert_eq!(c.accept_len[0], 1, "an empty draft is not a verified draft");
+        assert_eq!(c.accept_len[8], 1);
+        assert_eq!(c.accept_len[ACCEPT_LEN_BUCKETS - 1], 1);
     }
 
     #[test]

@@ -453,6 +453,14 @@ async fn run(
         sampling: job.generation.sampling.clone(),
         priority: job.generation.priority,
         stop_token_ids: vec![EOS],
+        prediction: job
+            .generation
+            .prediction
+            .as_deref()
+            .map(|text| state.tokenizer.encode(text))
+            .transpose()
+            .map_err(|e| AppError::bad_param("prediction", e.to_string()))?,
+        no_speculation: !job.generation.speculative,
     };
     let admission = match ticket {
         Some(t) => t.admit(job.prompt.len(), max_tokens)?,
@@ -490,6 +498,8 @@ async fn run(
         prompt_tokens: job.prompt.len() as u32,
         completion_tokens: 0,
         cached_tokens: None,
+        accepted_prediction_tokens: 0,
+        rejected_prediction_tokens: 0,
         admission,
         logprobs: job.generation.sampling.logprobs.is_some(),
         text_offset: 0,
@@ -517,6 +527,9 @@ struct Run {
     completion_tokens: u32,
     /// Prompt tokens the prefix cache served; known from the first token on.
     cached_tokens: Option<u32>,
+    /// Draft tokens among the completion tokens, and those the verification rejected.
+    accepted_prediction_tokens: u32,
+    rejected_prediction_tokens: u32,
     /// Per-key accounting (`crate::ops`): generated tokens are charged as they stream.
     admission: Option<Admission>,
     logprobs: bool,
@@ -568,6 +581,8 @@ impl Run {
                 if token.cached_tokens.is_some() {
                     self.cached_tokens = token.cached_tokens;
                 }
+                self.accepted_prediction_tokens += u32::from(token.accepted_draft);
+                self.rejected_prediction_tokens += token.rejected_drafts;
                 if let Some(a) = &mut self.admission {
                     a.charge_generated(1);
                 }
@@ -620,9 +635,19 @@ impl Run {
         Step::End { text, reason }
     }
 
-    /// OpenAI's usage object; `prompt_tokens_details.cached_tokens` only when known.
+    /// OpenAI's usage object; `prompt_tokens_details.cached_tokens` only when known;
+    /// `completion_tokens_details` counts draft tokens (of any source) accepted among
+    /// the completion tokens and rejected while producing them.
     fn usage(&self) -> Value {
-        let mut usage = json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": self.prompt_tokens + self.completion_tokens});
+        let mut usage = json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "completion_tokens_details": {
+                "accepted_prediction_tokens": self.accepted_prediction_tokens,
+                "rejected_prediction_tokens": self.rejected_prediction_tokens,
+            },
+        });
         if let Some(cached) = self.cached_tokens {
             usage["prompt_tokens_details"] = json!({ "cached_tokens": cached });
         }

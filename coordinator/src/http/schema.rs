@@ -46,6 +46,10 @@ pub struct SamplingFields {
     /// completions): `{"type": "content", "content": "..." | [{"type": "text", "text": "..."}]}`.
     /// Kept raw so a wrong shape is a 400 naming `prediction`, not a generic body error.
     pub prediction: Option<serde_json::Value>,
+    /// stral extension: `false` opts this request out of speculative decoding (no
+    /// drafts from the prediction or prompt lookup); absent or `true`: the server's
+    /// `--speculative` setting. A non-boolean is a 400.
+    pub speculative: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default, Clone)]
@@ -132,8 +136,10 @@ pub struct Generation {
     pub include_usage_in_stream: bool,
     pub priority: Priority,
     /// The predicted output's text (`prediction`), validated; `None` when absent.
-    /// Not yet a draft source: speculation uses prompt lookup only.
+    /// The sequence's draft source when it speculates (`engine::draft`).
     pub prediction: Option<String>,
+    /// `false` when the request opted out of speculative decoding.
+    pub speculative: bool,
 }
 
 impl SamplingFields {
@@ -168,6 +174,7 @@ impl SamplingFields {
                 .unwrap_or(false),
             priority,
             prediction,
+            speculative: self.speculative.unwrap_or(true),
         })
     }
 

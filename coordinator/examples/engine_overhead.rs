@@ -89,6 +89,7 @@ async fn main() {
                     },
                     priority: Priority::Interactive,
                     stop_token_ids: vec![2],
+                    ..Default::default()
                 })
                 .await
                 .expect("admitted");

@@ -374,6 +374,32 @@ mod tests {
     }
 
     #[test]
+    fn eight_bit_weights_halve_what_a_decode_streams_and_fp8_needs_fp8_tensor_cores() {
+        let int8 = m(1).with_weights(SimWeights::Int8).unwrap();
+        assert_eq!(
+            int8.weight_bytes_per_rank(),
+            m(1).weight_bytes_per_rank() / 2.0
+        );
+        let (b16, b8) = (m(1).decode_step(1, 512), int8.decode_step(1, 512));
+        assert!((b8.weight_stream_us - b16.weight_stream_us / 2.0).abs() < 1e-6);
+        assert!(b8.total_us < b16.total_us);
+        // Prefill is compute-bound: weight-only int8 keeps bf16 math, fp8 doubles it.
+        let fp8 = m(1).with_weights(SimWeights::Fp8).unwrap();
+        let prefill = [SeqWork {
+            new_tokens: 4096,
+            cached: 0,
+            sample: true,
+        }];
+        let (p16, p8, pf) = (m(1).step(&prefill), int8.step(&prefill), fp8.step(&prefill));
+        assert!((p8.gemm_us - p16.gemm_us).abs() < 0.05 * p16.gemm_us);
+        assert!(pf.gemm_us < 0.6 * p16.gemm_us);
+        let a100 = StepTimeModel::new(ModelConfig::codestral_22b(), GpuKind::A100.spec(), 1);
+        let e = a100.unwrap().with_weights(SimWeights::Fp8).unwrap_err();
+        assert!(e.to_string().contains("no fp8"), "{e}");
+        assert!("fp16".parse::<SimWeights>().is_err());
+    }
+
+    #[test]
     fn decode_at_batch_1_is_bound_by_streaming_the_weights() {
         let model = m(1);
         let b = model.decode_step(1, 512);

@@ -19,7 +19,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use crate::config::{CheckpointFormat, ModelConfig};
-use crate::gguf::{self, GgufFile};
+use crate::gguf::GgufFile;
 use crate::safetensors_io::{MappedFile, StoredTensor};
 use crate::WorkerError;
 
@@ -102,6 +102,24 @@ impl Param {
             Param::W1(_) | Param::W3(_) => vec![cfg.hidden_dim, cfg.dim],
             Param::W2(_) => vec![cfg.dim, cfg.hidden_dim],
             Param::AttnNorm(_) | Param::FfnNorm(_) | Param::Norm => vec![cfg.dim],
+        }
+    }
+
+    /// The GGUF (`llama` architecture) name of this parameter.
+    pub fn gguf_name(self) -> String {
+        match self {
+            Param::Embed => "token_embd.weight".into(),
+            Param::Norm => "output_norm.weight".into(),
+            Param::Output => "output.weight".into(),
+            Param::Wq(l) => format!("blk.{l}.attn_q.weight"),
+            Param::Wk(l) => format!("blk.{l}.attn_k.weight"),
+            Param::Wv(l) => format!("blk.{l}.attn_v.weight"),
+            Param::Wo(l) => format!("blk.{l}.attn_output.weight"),
+            Param::W1(l) => format!("blk.{l}.ffn_gate.weight"),
+            Param::W2(l) => format!("blk.{l}.ffn_down.weight"),
+            Param::W3(l) => format!("blk.{l}.ffn_up.weight"),
+            Param::AttnNorm(l) => format!("blk.{l}.attn_norm.weight"),
+            Param::FfnNorm(l) => format!("blk.{l}.ffn_norm.weight"),
         }
     }
 
@@ -304,7 +322,7 @@ impl Checkpoint {
             return Err(WorkerError::Checkpoint(format!(
                 "{}: a GGUF checkpoint has no safetensors view of {}",
                 self.dir.display(),
-                gguf::tensor_name(p)
+                p.gguf_name()
             )));
         };
         let name = p.name(format);
@@ -331,7 +349,7 @@ impl Checkpoint {
     pub fn load_rows(&self, p: Param, rows: Range<usize>) -> Result<Vec<f32>, WorkerError> {
         let w = match &self.storage {
             Storage::Gguf(g) => {
-                let name = gguf::tensor_name(p);
+                let name = p.gguf_name();
                 let t = g.get(&name, &p.shape(&self.config))?;
                 g.rows(&name, t, rows)?
             }
@@ -346,7 +364,7 @@ impl Checkpoint {
         let row_len = cols.len();
         let w = match &self.storage {
             Storage::Gguf(g) => {
-                let name = gguf::tensor_name(p);
+                let name = p.gguf_name();
                 let t = g.get(&name, &p.shape(&self.config))?;
                 g.cols(&name, t, cols)?
             }

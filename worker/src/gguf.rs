@@ -27,7 +27,6 @@ use std::path::{Path, PathBuf};
 use half::{bf16, f16};
 use memmap2::Mmap;
 
-use crate::checkpoint::Param;
 use crate::config::ModelConfig;
 use crate::WorkerError;
 
@@ -603,22 +602,4 @@ fn parse(buf: &[u8]) -> Result<Parsed, String> {
         }
     }
     Ok((version, metadata, tensors))
-}
-
-/// The GGUF (`llama` architecture) name of a parameter.
-pub fn tensor_name(p: Param) -> String {
-    match p {
-        Param::Embed => "token_embd.weight".into(),
-        Param::Norm => "output_norm.weight".into(),
-        Param::Output => "output.weight".into(),
-        Param::Wq(l) => format!("blk.{l}.attn_q.weight"),
-        Param::Wk(l) => format!("blk.{l}.attn_k.weight"),
-        Param::Wv(l) => format!("blk.{l}.attn_v.weight"),
-        Param::Wo(l) => format!("blk.{l}.attn_output.weight"),
-        Param::W1(l) => format!("blk.{l}.ffn_gate.weight"),
-        Param::W2(l) => format!("blk.{l}.ffn_down.weight"),
-        Param::W3(l) => format!("blk.{l}.ffn_up.weight"),
-        Param::AttnNorm(l) => format!("blk.{l}.attn_norm.weight"),
-        Param::FfnNorm(l) => format!("blk.{l}.ffn_norm.weight"),
-    }
 }

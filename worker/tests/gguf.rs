@@ -15,7 +15,7 @@ use half::f16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use worker::checkpoint::{half_to_interleaved, Checkpoint, Param};
-use worker::gguf::{tensor_name, GgufFile};
+use worker::gguf::GgufFile;
 use worker::safetensors_io::StoredDtype;
 use worker::synth::{param_values, synthesize, SynthOptions};
 use worker::{CheckpointFormat, ModelConfig};
@@ -152,7 +152,7 @@ fn model_writer(cfg: &ModelConfig, ty: u32) -> Writer {
         }
         let shape = p.shape(cfg);
         let t = if shape.len() == 1 { F32 } else { ty };
-        w.tensor(&tensor_name(p), &shape, t, &v);
+        w.tensor(&p.gguf_name(), &shape, t, &v);
     }
     w
 }

@@ -41,21 +41,26 @@ pub enum Param {
 }
 
 impl Param {
+    /// The parameters of layer `l`, in checkpoint order.
+    pub fn of_layer(l: usize) -> [Param; 9] {
+        [
+            Param::AttnNorm(l),
+            Param::Wq(l),
+            Param::Wk(l),
+            Param::Wv(l),
+            Param::Wo(l),
+            Param::FfnNorm(l),
+            Param::W1(l),
+            Param::W2(l),
+            Param::W3(l),
+        ]
+    }
+
     /// Every parameter in checkpoint order.
     pub fn all(cfg: &ModelConfig) -> Vec<Param> {
         let mut v = vec![Param::Embed];
         for l in 0..cfg.n_layers {
-            v.extend([
-                Param::AttnNorm(l),
-                Param::Wq(l),
-                Param::Wk(l),
-                Param::Wv(l),
-                Param::Wo(l),
-                Param::FfnNorm(l),
-                Param::W1(l),
-                Param::W2(l),
-                Param::W3(l),
-            ]);
+            v.extend(Param::of_layer(l));
         }
         v.extend([Param::Norm, Param::Output]);
         v

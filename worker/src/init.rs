@@ -15,12 +15,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use kernels::quant::WeightDtype;
 use proto::v1::collective_bootstrap::Kind;
 use proto::v1::{InitReply, InitRequest, ModelFacts};
 
 use crate::backend::{CpuBackend, InitShape, NullBackend, Opened};
-use kernels::quant::WeightDtype;
-
 use crate::checkpoint::{Checkpoint, Layout, Param};
 use crate::collective::{Collective, SoloCollective};
 use crate::cuda::CudaDevice;

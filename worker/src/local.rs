@@ -4,10 +4,10 @@
 //!
 //! Costs: one scoped thread per rank per step; the all-reduces are memcpy + sum.
 
-use crate::checkpoint::Checkpoint;
-use crate::collective::{Collective, LocalCollective};
 use kernels::quant::WeightDtype;
 
+use crate::checkpoint::Checkpoint;
+use crate::collective::{Collective, LocalCollective};
 use crate::model::{CpuModel, RankWeights, SeqChunk, ShardSpec, StepInput};
 use crate::WorkerError;
 

@@ -71,6 +71,17 @@ pub struct LayerWeights {
     pub w2: QMatrix,
 }
 
+impl LayerWeights {
+    /// Bytes this layer holds (matrices as stored, norms in f32).
+    pub fn bytes(&self) -> usize {
+        self.wqkv.bytes()
+            + self.wo.bytes()
+            + self.w13.bytes()
+            + self.w2.bytes()
+            + 4 * (self.attn_norm.len() + self.ffn_norm.len())
+    }
+}
+
 /// One rank's layer `i` in f32, packed for TP (fused `wq|wk|wv` rows and fused
 /// gate|up rows of this rank's heads and FFN slice, this rank's columns of the
 /// row-parallel `wo` and `w2`): what both the CPU and the CUDA loaders store.
@@ -83,7 +94,7 @@ pub struct PackedLayer {
     pub w2: Vec<f32>,
 }
 
-/// Reads and packs layer `i` for `shard` (8 tensors).
+/// Reads and packs layer `i` for `shard` (its [`Param::of_layer`] tensors).
 pub fn pack_layer(
     ckpt: &Checkpoint,
     shard: ShardSpec,
@@ -173,7 +184,7 @@ impl RankWeights {
         let mut loaded_bytes = embed.bytes();
         for i in 0..cfg.n_layers {
             let h = pack_layer(ckpt, shard, i)?;
-            bar.inc(8);
+            bar.inc(Param::of_layer(i).len() as u64);
             let w = LayerWeights {
                 attn_norm: h.attn_norm,
                 ffn_norm: h.ffn_norm,
@@ -182,7 +193,7 @@ impl RankWeights {
                 w13: stored(h.w13, dim),
                 w2: stored(h.w2, l.ffn),
             };
-            loaded_bytes += w.wqkv.bytes() + w.wo.bytes() + w.w13.bytes() + w.w2.bytes() + 8 * dim;
+            loaded_bytes += w.bytes();
             layers.push(w);
             if !progress {
                 tracing::info!(
@@ -209,25 +220,10 @@ impl RankWeights {
         })
     }
 
-    /// The format the matrices are stored in.
-    pub fn dtype(&self) -> WeightDtype {
-        self.lm_head.dtype()
-    }
-
     /// Bytes of weights this rank holds (what one decode step reads, plus the
     /// embedding rows it gathers).
     pub fn bytes(&self) -> usize {
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|w| {
-                w.wqkv.bytes()
-                    + w.wo.bytes()
-                    + w.w13.bytes()
-                    + w.w2.bytes()
-                    + 4 * (w.attn_norm.len() + w.ffn_norm.len())
-            })
-            .sum();
+        let layers: usize = self.layers.iter().map(LayerWeights::bytes).sum();
         self.embed.bytes() + layers + 4 * self.norm.len() + self.lm_head.bytes()
     }
 }

@@ -10,7 +10,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::engine::draft::{DraftSource, SpecCounters, ACCEPT_LEN_BUCKETS};
+use crate::engine::draft::DraftSource;
 use crate::engine::EngineStats;
 use crate::histogram::Histogram;
 
@@ -24,6 +24,50 @@ pub struct Metrics {
     pub ttft: Histogram,
     pub itl: Histogram,
     pub e2e: Histogram,
+    /// Speculative decoding: the drafts whose outcome reached a client.
+    pub spec: SpecCounters,
+}
+
+/// Buckets of the acceptance-length histogram: 0..=ACCEPT_LEN_BUCKETS − 1 accepted
+/// tokens, the last bucket holding that many or more.
+pub const ACCEPT_LEN_BUCKETS: usize = 17;
+
+/// Speculation counters since start, by [`DraftSource`] (index `source as usize`), and
+/// how many tokens each verified draft had accepted. They count what the clients
+/// received, as usage's `completion_tokens_details` does: the HTTP layer records a
+/// step's draft once its last token was delivered, or, when the request ended inside
+/// the draft (a stop string, EOS, a client gone), the accepted drafts delivered before
+/// the end, so a draft accepted past a stop is not counted. Atomics: one record per
+/// speculating sequence and step.
+#[derive(Debug, Default)]
+pub struct SpecCounters {
+    drafted: [AtomicU64; 2],
+    accepted: [AtomicU64; 2],
+    /// Verified drafts by accepted length (the last bucket: that many or more).
+    accept_len: [AtomicU64; ACCEPT_LEN_BUCKETS],
+}
+
+impl SpecCounters {
+    /// Records one verified draft: `accepted` accepted tokens and `rejected` rejected
+    /// ones reached the client. Nothing verified, nothing recorded.
+    pub fn record(&self, source: DraftSource, accepted: u32, rejected: u32) {
+        if accepted + rejected == 0 {
+            return;
+        }
+        let at = source as usize;
+        self.drafted[at].fetch_add(u64::from(accepted + rejected), Ordering::Relaxed);
+        self.accepted[at].fetch_add(u64::from(accepted), Ordering::Relaxed);
+        self.accept_len[(accepted as usize).min(ACCEPT_LEN_BUCKETS - 1)]
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn drafted(&self) -> [u64; 2] {
+        self.drafted.each_ref().map(|c| c.load(Ordering::Relaxed))
+    }
+
+    fn accepted(&self) -> [u64; 2] {
+        self.accepted.each_ref().map(|c| c.load(Ordering::Relaxed))
+    }
 }
 
 impl Metrics {
@@ -90,7 +134,7 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
             );
         }
-        render_spec(out, &engine.spec);
+        render_spec(out, &self.spec);
         let _ = writeln!(out, "# HELP stral_requests_total HTTP requests by endpoint and status.\n# TYPE stral_requests_total counter");
         for ((endpoint, status), n) in self.requests.lock().expect("metrics lock").iter() {
             let _ = writeln!(
@@ -119,21 +163,22 @@ impl Metrics {
 
 /// The speculation counters by draft source, and the acceptance-length histogram.
 fn render_spec(out: &mut String, spec: &SpecCounters) {
+    let (drafted, accepted) = (spec.drafted(), spec.accepted());
     for (name, help, value) in [
         (
             "stral_spec_draft_tokens_total",
-            "Speculative draft tokens verified, by draft source.",
-            spec.drafted,
+            "Speculative draft tokens verified for output that reached a client, by draft source.",
+            drafted,
         ),
         (
             "stral_spec_accepted_tokens_total",
-            "Speculative draft tokens accepted, by draft source.",
-            spec.accepted,
+            "Speculative draft tokens accepted and delivered, by draft source.",
+            accepted,
         ),
         (
             "stral_spec_rejected_tokens_total",
             "Speculative draft tokens rejected, by draft source.",
-            [0, 1].map(|i| spec.drafted[i] - spec.accepted[i]),
+            [0, 1].map(|i| drafted[i] - accepted[i]),
         ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -151,10 +196,10 @@ fn render_spec(out: &mut String, spec: &SpecCounters) {
         out,
         "# HELP {name} Draft tokens accepted per verified draft.\n# TYPE {name} histogram"
     );
-    let sum: u64 = spec.accepted.iter().sum();
+    let sum: u64 = accepted.iter().sum();
     let mut cumulative = 0;
-    for (len, &n) in spec.accept_len.iter().enumerate() {
-        cumulative += n;
+    for (len, n) in spec.accept_len.iter().enumerate() {
+        cumulative += n.load(Ordering::Relaxed);
         if len + 1 < ACCEPT_LEN_BUCKETS {
             let _ = writeln!(out, "{name}_bucket{{le=\"{len}\"}} {cumulative}");
         }
@@ -240,5 +285,32 @@ fn render_gauges(out: &mut String, engine: &EngineStats, ready: bool) {
         ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn speculation_counters_split_by_source_and_bucket_accepted_lengths() {
+        let c = SpecCounters::default();
+        c.record(DraftSource::Prediction, 8, 0);
+        c.record(DraftSource::Ngram, 0, 3);
+        c.record(DraftSource::Ngram, 0, 0);
+        c.record(DraftSource::Prediction, 30, 10);
+        assert_eq!(c.drafted(), [48, 3]);
+        assert_eq!(c.accepted(), [38, 0]);
+        let len = |i: usize| c.accept_len[i].load(Ordering::Relaxed);
+        assert_eq!(len(0), 1, "an empty draft is not a verified draft");
+        assert_eq!(len(8), 1);
+        assert_eq!(len(ACCEPT_LEN_BUCKETS - 1), 1);
+        let mut out = String::new();
+        render_spec(&mut out, &c);
+        assert!(out.contains("stral_spec_rejected_tokens_total{source=\"prediction\"} 10\n"));
+        assert!(
+            out.contains("stral_spec_acceptance_length_count 3\n"),
+            "{out}"
+        );
     }
 }

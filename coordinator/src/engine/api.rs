@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use super::draft::DraftSource;
+
 /// Identifier of a request inside the engine.
 pub type RequestId = u64;
 
@@ -78,6 +80,9 @@ pub struct TokenEvent {
     /// Draft tokens rejected in the step that produced this token (set on the step's
     /// last token of the sequence only).
     pub rejected_drafts: u32,
+    /// Where the draft verified in the step that produced this token came from; `None`
+    /// when the step verified no draft for the sequence.
+    pub draft_source: Option<DraftSource>,
 }
 
 /// What a request's stream yields, in order: tokens, then exactly one of

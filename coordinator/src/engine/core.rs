@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::api::{EngineError, EngineEvent, FinishReason, GenerateRequest, RequestId, TokenEvent};
-use super::draft::{self, DraftSource, Drafter, SpecCounters};
+use super::draft::{self, DraftSource, Drafter};
 use super::executor::{ExecError, Executor, GroupFacts, PlannedSeq, Sampled, WorkPlan};
 use super::step_target::StepTarget;
 use super::{Command, EngineHandle, Shared, StepPhases};
@@ -108,7 +108,6 @@ pub fn run_engine<E: Executor>(
         step_time,
         phases,
         requests: HashMap::new(),
-        spec: SpecCounters::default(),
         pending: Vec::new(),
         finished: Vec::new(),
         outbox: Outbox {
@@ -224,8 +223,6 @@ struct Engine<E: Executor> {
     step_time: Arc<Histogram>,
     phases: Arc<StepPhases>,
     requests: HashMap<RequestId, Live>,
-    /// Speculation counters since start (metrics).
-    spec: SpecCounters,
     /// Token events of the last step, not yet sent (see [`Engine::deliver`]).
     pending: Vec<(RequestId, EngineEvent)>,
     outbox: Outbox,
@@ -742,8 +739,7 @@ impl<E: Executor> Engine<E> {
             if let Some(drafter) = &mut live.drafts {
                 drafter.length.observe(drafts.len(), accepted.len());
             }
-            self.spec
-                .record(live.draft_source, drafts.len(), accepted.len());
+            let draft_source = (!drafts.is_empty()).then_some(live.draft_source);
             let rejected = (drafts.len() - accepted.len()) as u32;
             for (i, &token) in accepted.iter().chain([&s.token]).enumerate() {
                 live.generated += 1;
@@ -770,6 +766,7 @@ impl<E: Executor> Engine<E> {
                         cached_tokens: (live.generated == 1).then(|| live.cached.unwrap_or(0)),
                         accepted_draft: i < last,
                         rejected_drafts: if i == last { rejected } else { 0 },
+                        draft_source,
                     }),
                 ));
             }
@@ -816,7 +813,6 @@ impl<E: Executor> Engine<E> {
         st.prefix_cache_hit_rate = c.prefix_hit_rate();
         st.steps = self.steps;
         st.preemptions = c.preemptions;
-        st.spec = self.spec;
         st.worker_restarts = self.shared.worker_restarts.load(Ordering::Relaxed);
         st.requests_recovered = self.shared.requests_recovered.load(Ordering::Relaxed);
     }

@@ -10,7 +10,8 @@
 //!
 //! Owns: [`NgramIndex`] (one per speculating sequence), [`PredictionDraft`] (one per
 //! request with a prediction), [`Drafter`] (both plus the length) and [`DraftLength`]
-//! (k adapted from recent acceptance). Invariant: the index holds, for every n in
+//! (k adapted from recent acceptance). What was accepted is counted where it reaches
+//! the client (`crate::metrics::SpecCounters`). Invariant: the index holds, for every n in
 //! `1..=MAX_NGRAM`, the latest end position of each n-gram that ends before the last
 //! token, so a lookup never matches the sequence's own end.
 //!
@@ -240,32 +241,6 @@ impl Drafter {
     }
 }
 
-/// Buckets of the acceptance-length histogram: 0..=ACCEPT_LEN_BUCKETS − 1 accepted
-/// tokens, the last bucket holding that many or more.
-pub const ACCEPT_LEN_BUCKETS: usize = 17;
-
-/// Speculation counters since start, by [`DraftSource`] (index `source as usize`),
-/// and how many tokens each verified draft had accepted.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SpecCounters {
-    pub drafted: [u64; 2],
-    pub accepted: [u64; 2],
-    /// Verified drafts by accepted length (the last bucket: that many or more).
-    pub accept_len: [u64; ACCEPT_LEN_BUCKETS],
-}
-
-impl SpecCounters {
-    /// Records one verified draft of `proposed` tokens of which `accepted` passed.
-    pub fn record(&mut self, source: DraftSource, proposed: usize, accepted: usize) {
-        if proposed == 0 {
-            return;
-        }
-        self.drafted[source as usize] += proposed as u64;
-        self.accepted[source as usize] += accepted as u64;
-        self.accept_len[accepted.min(ACCEPT_LEN_BUCKETS - 1)] += 1;
-    }
-}
-
 /// A sequence's draft length: starts at the cap, grows by one after a step that
 /// accepted every draft, and falls to one more than the accepted count otherwise, so
 /// a sequence whose drafts keep failing spends at most one extra token per step.
@@ -403,20 +378,6 @@ mod tests {
         d.push(1);
         d.push(2);
         assert_eq!(d.draft(2), (vec![3, 8], DraftSource::Ngram));
-    }
-
-    #[test]
-    fn counters_split_by_source_and_bucket_accepted_lengths() {
-        let mut c = SpecCounters::default();
-        c.record(DraftSource::Prediction, 8, 8);
-        c.record(DraftSource::Ngram, 3, 0);
-        c.record(DraftSource::Ngram, 0, 0);
-        c.record(DraftSource::Prediction, 40, 30);
-        assert_eq!(c.drafted, [48, 3]);
-        assert_eq!(c.accepted, [38, 0]);
-        assert_eq!(c.accept_len[0], 1, "an empty draft is not a verified draft");
-        assert_eq!(c.accept_len[8], 1);
-        assert_eq!(c.accept_len[ACCEPT_LEN_BUCKETS - 1], 1);
     }
 
     #[test]

@@ -61,9 +61,6 @@ pub struct EngineStats {
     pub max_step_ms: Option<f64>,
     /// The prefill allowance per step (`--max-step-ms auto`); `None`: none.
     pub max_prefill_ms: Option<f64>,
-    /// Speculative decoding since start: tokens drafted and accepted by source, and
-    /// the acceptance lengths.
-    pub spec: draft::SpecCounters,
 }
 
 /// Where each step's wall time went (means are what matter: sum / count).

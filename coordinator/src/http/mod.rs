@@ -31,6 +31,7 @@ pub use crate::error::{AppError, MAX_BODY_BYTES};
 use schema::{ChatRequest, CompletionRequest, FimRequest, Generation, PromptField};
 
 use crate::detok::{Detokenizer, DetokenizerConfig};
+use crate::engine::draft::DraftSource;
 use crate::engine::{
     EngineEvent, EngineHandle, FinishReason, GenerateRequest, Priority, RequestStream,
 };
@@ -500,6 +501,7 @@ async fn run(
         cached_tokens: None,
         accepted_prediction_tokens: 0,
         rejected_prediction_tokens: 0,
+        draft: None,
         admission,
         logprobs: job.generation.sampling.logprobs.is_some(),
         text_offset: 0,
@@ -530,6 +532,9 @@ struct Run {
     /// Draft tokens among the completion tokens, and those the verification rejected.
     accepted_prediction_tokens: u32,
     rejected_prediction_tokens: u32,
+    /// The draft of the step whose tokens are being delivered: its source and the
+    /// accepted drafts delivered so far (recorded in the metrics when it closes).
+    draft: Option<(DraftSource, u32)>,
     /// Per-key accounting (`crate::ops`): generated tokens are charged as they stream.
     admission: Option<Admission>,
     logprobs: bool,
@@ -542,6 +547,7 @@ struct Run {
 
 impl Drop for Run {
     fn drop(&mut self) {
+        self.close_draft(0);
         if !self.done {
             self.state.metrics.aborted.fetch_add(1, Ordering::Relaxed);
         }
@@ -583,6 +589,15 @@ impl Run {
                 }
                 self.accepted_prediction_tokens += u32::from(token.accepted_draft);
                 self.rejected_prediction_tokens += token.rejected_drafts;
+                if let Some(source) = token.draft_source {
+                    let accepted = self.draft.get_or_insert((source, 0));
+                    if token.accepted_draft {
+                        accepted.1 += 1;
+                    } else {
+                        // The step's last token: its draft is complete.
+                        self.close_draft(token.rejected_drafts);
+                    }
+                }
                 if let Some(a) = &mut self.admission {
                     a.charge_generated(1);
                 }
@@ -623,8 +638,18 @@ impl Run {
         }
     }
 
+    /// Records the open draft in the metrics with the drafts rejected in its step
+    /// (known only once the step's last token is delivered; a request that ends before
+    /// it counts only the accepted drafts it delivered).
+    fn close_draft(&mut self, rejected: u32) {
+        if let Some((source, accepted)) = self.draft.take() {
+            self.state.metrics.spec.record(source, accepted, rejected);
+        }
+    }
+
     fn end(&mut self, text: String, reason: FinishReason) -> Step {
         self.done = true;
+        self.close_draft(0);
         if let Some(a) = &mut self.admission {
             a.finish();
         }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use benches::bench::client::Endpoint;
 use benches::bench::metrics::Slo;
-use benches::bench::workload::{ChatConfig, FixedConfig, KeystrokeConfig, Workload};
+use benches::bench::workload::{ChatConfig, EditConfig, FixedConfig, KeystrokeConfig, Workload};
 use benches::bench::{BenchConfig, Load, PlotFormats};
 use clap::{Args, ValueEnum};
 
@@ -17,6 +17,7 @@ Metrics follow vLLM's `bench serve`: TTFT = send -> first content chunk; TPOT = 
 (output tokens - 1) per request; ITL = gaps between successive content chunks; E2E = send -> end \
 of stream. Output tokens come from the server's usage (else counted chunks; the JSON says which).\n\n\
 Examples:\n  stral bench --workload keystroke --concurrency 8 --duration 60\n  \
+stral bench --workload edit --concurrency 1 --num-requests 20   # predicted outputs: speculative decoding\n  \
 stral bench --workload fixed --input-tokens 512 --output-tokens 128 --rate 4 --num-requests 200 --json-out r.json\n  \
 stral bench --url http://gpu-box:8000 --endpoint completions --model codestral --workload chat \
 --sweep-concurrency 1,4,16,64 --duration 60 --plot-dir plots";
@@ -31,16 +32,19 @@ pub struct BenchArgs {
     api_key: Option<String>,
     /// API to call: `fim` = POST /v1/fim/completions (Mistral), `chat` =
     /// /v1/chat/completions, `completions` = /v1/completions (OpenAI legacy; FIM via
-    /// `suffix`).
-    #[arg(long, value_enum, default_value_t = EndpointArg::Fim)]
-    endpoint: EndpointArg,
+    /// `suffix`). Default: `chat` for the edit workload, `fim` otherwise.
+    #[arg(long, value_enum)]
+    endpoint: Option<EndpointArg>,
     /// Model name to send. Default: the first model the server's /v1/models lists.
     #[arg(long)]
     model: Option<String>,
     /// What to send: `keystroke` = simulated developers typing through code files, a
     /// FIM request every few keystrokes, the stale request cancelled when the next
     /// fires; `chat` = lognormal prompt/output lengths (synthetic, ShareGPT-like);
-    /// `fixed` = --input-tokens in, exactly --output-tokens out.
+    /// `fixed` = --input-tokens in, exactly --output-tokens out; `edit` = chat requests
+    /// asking for an edit of whole lines of a corpus code file, the original lines sent
+    /// as `prediction` (predicted outputs, for speculative decoding; the report counts
+    /// the accepted and rejected prediction tokens the server's usage reports).
     #[arg(long, value_enum, default_value_t = WorkloadArg::Keystroke)]
     workload: WorkloadArg,
 
@@ -122,6 +126,13 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1024)]
     chat_max_output: u32,
 
+    /// edit: the code to edit, at most this many characters of whole lines.
+    #[arg(long, default_value_t = 1200)]
+    edit_max_code_chars: usize,
+    /// edit: max_tokens of each edit.
+    #[arg(long, default_value_t = 512)]
+    edit_max_tokens: u32,
+
     /// fixed: prompt length, tokens (approximate: one common word per token; the JSON
     /// has the server's own count).
     #[arg(long, default_value_t = 128)]
@@ -157,6 +168,7 @@ enum WorkloadArg {
     Keystroke,
     Chat,
     Fixed,
+    Edit,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -211,11 +223,20 @@ impl BenchArgs {
                 input_tokens: self.input_tokens,
                 output_tokens: self.output_tokens,
             }),
+            WorkloadArg::Edit => Workload::Edit(EditConfig {
+                max_code_chars: self.edit_max_code_chars,
+                max_tokens: self.edit_max_tokens,
+            }),
+        };
+        let endpoint = match (self.endpoint, self.workload) {
+            (Some(e), _) => e,
+            (None, WorkloadArg::Edit) => EndpointArg::Chat,
+            (None, _) => EndpointArg::Fim,
         };
         Ok(BenchConfig {
             url: self.url,
             api_key: self.api_key,
-            endpoint: match self.endpoint {
+            endpoint: match endpoint {
                 EndpointArg::Fim => Endpoint::Fim,
                 EndpointArg::Chat => Endpoint::Chat,
                 EndpointArg::Completions => Endpoint::Completions,

@@ -1,5 +1,6 @@
 //! `stral bench` as a user runs it: the real binary against a real `stral serve` (null
-//! worker backend, so the server answers fast and the run stays short) over loopback
+//! worker backend, so the server answers fast and the run stays short; CPU workers for
+//! the edit workload, whose drafts must be verified by a real model) over loopback
 //! HTTP; the JSON and the plot files it writes are checked.
 
 mod common;
@@ -237,6 +238,74 @@ fn bench_measures_a_real_server_with_keystroke_fixed_and_chat_workloads() {
     check_metrics(run);
     assert_eq!(run["load"]["mode"], "open");
     assert_eq!(u(run, "completed"), 12);
+}
+
+#[test]
+fn bench_edit_workload_sends_predictions_and_reports_the_drafts_the_server_counted() {
+    let model = out_dir("stral-bench-edit-model");
+    synth_model(&model, "hf");
+    let server = Server::start(&model, 1, &[]);
+    let url = format!("http://127.0.0.1:{}", server.port);
+    let json = out_dir("stral-bench-edit-out").join("edit.json");
+    let (ok, stdout, stderr) = bench(&[
+        "--url",
+        &url,
+        "--workload",
+        "edit",
+        "--concurrency",
+        "4",
+        "--num-requests",
+        "4",
+        "--edit-max-code-chars",
+        "300",
+        "--edit-max-tokens",
+        "160",
+        "--json-out",
+        json.to_str().unwrap(),
+    ]);
+    assert!(ok, "stral bench failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("Accepted prediction tokens"), "{stdout}");
+    let report = read_json(&json);
+    assert_eq!(report["workload"]["kind"], "edit");
+    assert_eq!(
+        report["endpoint"], "chat",
+        "edit defaults to the chat endpoint"
+    );
+    let run = &report["runs"][0];
+    check_metrics(run);
+    assert_eq!(u(run, "completed"), 4);
+    // The report sums the usage of every response; the server's counters count the
+    // same drafts (those whose outcome reached a client). The synthetic model's output
+    // does not follow the predictions (it follows no instruction), so the prediction
+    // drafts are rejected, and what is accepted comes from prompt lookup over its
+    // output's repeats; a real model's edits accept most of the prediction.
+    let accepted = u(run, "accepted_prediction_tokens");
+    let rejected = u(run, "rejected_prediction_tokens");
+    let metric = |name: &str| {
+        ["prediction", "ngram"]
+            .map(|s| server.metric(&format!("{name}{{source=\"{s}\"}}")))
+            .iter()
+            .sum::<f64>()
+    };
+    assert_eq!(accepted as f64, metric("stral_spec_accepted_tokens_total"));
+    assert_eq!(rejected as f64, metric("stral_spec_rejected_tokens_total"));
+    assert!(
+        server.metric("stral_spec_draft_tokens_total{source=\"prediction\"}") > 0.0,
+        "no draft came from the predictions"
+    );
+    assert!(accepted > 0, "no draft accepted: {run}");
+    // The edit workload is for chat.
+    let (ok, _, stderr) = bench(&[
+        "--url",
+        &url,
+        "--workload",
+        "edit",
+        "--endpoint",
+        "fim",
+        "--num-requests",
+        "1",
+    ]);
+    assert!(!ok && stderr.contains("--endpoint chat"), "{stderr}");
 }
 
 #[test]

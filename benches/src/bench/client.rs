@@ -22,7 +22,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::metrics::{Outcome, RequestRecord, TokenCountSource};
+use super::metrics::{Outcome, PredictionTokens, RequestRecord, TokenCountSource};
 use super::workload::RequestSpec;
 use super::BenchError;
 
@@ -77,6 +77,9 @@ impl Endpoint {
         }
         if let Some(min) = spec.min_tokens {
             body["min_tokens"] = json!(min);
+        }
+        if let Some(predicted) = &spec.prediction {
+            body["prediction"] = json!({"type": "content", "content": predicted});
         }
         body
     }
@@ -194,6 +197,7 @@ impl Client {
             output_tokens: 0,
             prompt_tokens: None,
             cached_tokens: None,
+            predicted: None,
             token_source: TokenCountSource::Chunks,
         };
         let result =
@@ -286,6 +290,13 @@ impl Client {
                     rec.cached_tokens = u["prompt_tokens_details"]["cached_tokens"]
                         .as_u64()
                         .or(rec.cached_tokens);
+                    let details = &u["completion_tokens_details"];
+                    if let (Some(accepted), Some(rejected)) = (
+                        details["accepted_prediction_tokens"].as_u64(),
+                        details["rejected_prediction_tokens"].as_u64(),
+                    ) {
+                        rec.predicted = Some(PredictionTokens { accepted, rejected });
+                    }
                 }
             }
         }
@@ -378,6 +389,7 @@ mod tests {
             suffix: Some(")\n".into()),
             max_tokens: 8,
             min_tokens: Some(8),
+            prediction: None,
         };
         let fim = Endpoint::Fim.body("m", &spec, 0.0);
         assert_eq!(fim["prompt"], "def f(");
@@ -390,6 +402,15 @@ mod tests {
         assert_eq!(chat["stream_options"]["include_usage"], true);
         let legacy = Endpoint::Completions.body("m", &spec, 0.0);
         assert_eq!(legacy["suffix"], ")\n");
+        assert!(chat.get("prediction").is_none());
+        let edit = RequestSpec {
+            prediction: Some("x = 1\n".into()),
+            ..spec
+        };
+        assert_eq!(
+            Endpoint::Chat.body("m", &edit, 0.0)["prediction"],
+            json!({"type": "content", "content": "x = 1\n"})
+        );
     }
 
     #[test]

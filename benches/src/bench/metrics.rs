@@ -29,6 +29,11 @@
 //!   completed nor failed, and are left out of the latency statistics — so in a
 //!   keystroke run the statistics describe the completions that finished before the
 //!   developer's next keystroke, which is what an IDE user ever sees.
+//! - **Prediction tokens**: the server's `usage.completion_tokens_details`
+//!   `accepted_prediction_tokens` (output tokens that were speculative drafts, from the
+//!   request's `prediction` or the server's own lookup, accepted by verification) and
+//!   `rejected_prediction_tokens` (drafts verified and rejected), summed over completed
+//!   requests whose usage has them (OpenAI's and stral's do).
 //! - **Failed**: connection errors, non-2xx answers, in-band `error` chunks, streams that
 //!   end without `[DONE]`.
 //!
@@ -76,7 +81,16 @@ pub struct RequestRecord {
     /// Prompt tokens the server served from its prefix cache
     /// (`usage.prompt_tokens_details.cached_tokens`), when it says.
     pub cached_tokens: Option<u64>,
+    /// Draft tokens the server accepted and rejected, when its usage says.
+    pub predicted: Option<PredictionTokens>,
     pub token_source: TokenCountSource,
+}
+
+/// `usage.completion_tokens_details`' accepted and rejected prediction tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PredictionTokens {
+    pub accepted: u64,
+    pub rejected: u64,
 }
 
 impl RequestRecord {
@@ -188,6 +202,7 @@ mod tests {
             output_tokens: tokens,
             prompt_tokens: None,
             cached_tokens: None,
+            predicted: None,
             token_source: TokenCountSource::Usage,
         }
     }

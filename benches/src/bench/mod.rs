@@ -157,6 +157,11 @@ impl BenchConfig {
                 return err("the keystroke workload is paced by its developers: use --concurrency N (developers), not --rate");
             }
         }
+        if let Workload::Edit(_) = self.workload {
+            if self.endpoint != Endpoint::Chat {
+                return err("the edit workload sends chat requests: use --endpoint chat");
+            }
+        }
         match self.load {
             Load::Closed { concurrency: 0 } => return err("--concurrency must be at least 1"),
             Load::Open { rate } if !(rate > 0.0 && rate.is_finite()) => {
@@ -404,19 +409,20 @@ async fn developer(ctx: Arc<RunCtx>, mut session: KeystrokeSession) {
         let task = tokio::spawn(async move {
             let t0 = Instant::now();
             let rec = tokio::select! {
-                rec = ctx2.send(&spec) => rec,
-                Ok(()) = cancel_rx => RequestRecord {
-                    outcome: Outcome::Cancelled,
-                    sent_at: t0.duration_since(ctx2.start).as_secs_f64(),
-                    ttft: None,
-                    e2e: t0.elapsed().as_secs_f64(),
-                    itl: Vec::new(),
-                    output_tokens: 0,
-                    prompt_tokens: None,
-                    cached_tokens: None,
-                    token_source: TokenCountSource::Chunks,
-                },
-            };
+                            rec = ctx2.send(&spec) => rec,
+                            Ok(()) = cancel_rx => RequestRecord {
+                                outcome: Outcome::Cancelled,
+                                sent_at: t0.duration_since(ctx2.start).as_secs_f64(),
+                                ttft: None,
+                                e2e: t0.elapsed().as_secs_f64(),
+                                itl: Vec::new(),
+                                output_tokens: 0,
+                                prompt_tokens: None,
+                                cached_tokens: None,
+            predicted: None,
+                                token_source: TokenCountSource::Chunks,
+                            },
+                        };
             ctx2.record(rec);
         });
         inflight = Some((cancel_tx, task));

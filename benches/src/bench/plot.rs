@@ -341,6 +341,7 @@ mod tests {
                 output_tokens: 5,
                 prompt_tokens: None,
                 cached_tokens: None,
+                predicted: None,
                 token_source: TokenCountSource::Chunks,
             })
             .collect()

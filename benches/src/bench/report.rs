@@ -7,7 +7,8 @@
 //! throughputs (per second of run duration), `prefix_cache_hit_rate` (cached ÷ prompt
 //! tokens where the server reported them, else `null`), `goodput` (requests/s meeting the SLO,
 //! `null` when no SLO was given), `output_tokens_counted_from` (`usage`, `chunks`,
-//! `mixed` or `none`), and `ttft_ms`, `tpot_ms`, `itl_ms`, `e2e_ms` summaries (count,
+//! `mixed` or `none`), `accepted_prediction_tokens` / `rejected_prediction_tokens`
+//! (summed from usage over completed requests; `null` when no usage had them), and `ttft_ms`, `tpot_ms`, `itl_ms`, `e2e_ms` summaries (count,
 //! mean, min, p50, p90, p95, p99, max), over completed requests. Definitions:
 //! [`super::metrics`].
 
@@ -18,7 +19,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::client::Endpoint;
-use super::metrics::{goodput, Outcome, RequestRecord, Slo, Stats, TokenCountSource};
+use super::metrics::{
+    goodput, Outcome, PredictionTokens, RequestRecord, Slo, Stats, TokenCountSource,
+};
 use super::workload::Workload;
 use super::{BenchConfig, BenchError, Load};
 
@@ -51,6 +54,12 @@ pub struct RunReport {
     /// none did (older reports lack the field).
     #[serde(default)]
     pub prefix_cache_hit_rate: Option<f64>,
+    /// Speculative draft tokens accepted (among the output tokens) and rejected, summed
+    /// over the completed requests whose usage said; `null` when none did.
+    #[serde(default)]
+    pub accepted_prediction_tokens: Option<u64>,
+    #[serde(default)]
+    pub rejected_prediction_tokens: Option<u64>,
     /// Completed requests per second that met every SLO; `null` without an SLO.
     pub goodput: Option<f64>,
     pub output_tokens_counted_from: String,
@@ -103,6 +112,13 @@ impl RunReport {
             .iter()
             .filter_map(|r| Some((r.cached_tokens?, r.prompt_tokens?)))
             .fold((0u64, 0u64), |(c, p), (rc, rp)| (c + rc, p + rp));
+        let predicted = done
+            .iter()
+            .filter_map(|r| r.predicted)
+            .reduce(|a, b| PredictionTokens {
+                accepted: a.accepted + b.accepted,
+                rejected: a.rejected + b.rejected,
+            });
         let ttft: Vec<f64> = done.iter().filter_map(|r| r.ttft).collect();
         let tpot: Vec<f64> = done.iter().filter_map(|r| r.tpot()).collect();
         let itl: Vec<f64> = done.iter().flat_map(|r| r.itl.iter().copied()).collect();
@@ -121,6 +137,8 @@ impl RunReport {
             total_output_tokens,
             total_input_tokens,
             prefix_cache_hit_rate: (of > 0).then(|| cached as f64 / of as f64),
+            accepted_prediction_tokens: predicted.map(|p| p.accepted),
+            rejected_prediction_tokens: predicted.map(|p| p.rejected),
             goodput: (!slo.is_empty()).then(|| goodput(records, slo, duration_s)),
             output_tokens_counted_from: counted_from.to_string(),
             ttft_ms: Stats::from_seconds(&ttft),
@@ -237,6 +255,20 @@ impl BenchReport {
                     format!("{:.1}%", h * 100.0),
                 );
             }
+            if let (Some(a), Some(r)) = (
+                run.accepted_prediction_tokens,
+                run.rejected_prediction_tokens,
+            ) {
+                line(&mut s, "Accepted prediction tokens:", a.to_string());
+                line(&mut s, "Rejected prediction tokens:", r.to_string());
+                if a + r > 0 {
+                    line(
+                        &mut s,
+                        "Draft acceptance (accepted / verified):",
+                        format!("{:.1}%", 100.0 * a as f64 / (a + r) as f64),
+                    );
+                }
+            }
             line(
                 &mut s,
                 "Output tokens counted from:",
@@ -279,6 +311,7 @@ mod tests {
             output_tokens: tokens,
             prompt_tokens: Some(10),
             cached_tokens: None,
+            predicted: None,
             token_source: TokenCountSource::Usage,
         }
     }

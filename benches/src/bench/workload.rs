@@ -1,4 +1,4 @@
-//! What `stral bench` sends: the three workloads and the seeded generators behind them.
+//! What `stral bench` sends: the four workloads and the seeded generators behind them.
 //!
 //! - [`KeystrokeSession`]: one simulated developer typing through a file of the committed
 //!   corpus (`benches/corpus/`, embedded in the binary), one character per keystroke,
@@ -13,6 +13,11 @@
 //!   synthetic ShareGPT-like shape (long right tail; defaults: median prompt 128 tokens,
 //!   median output 128 tokens), not ShareGPT data.
 //! - Fixed: the same prompt and output length for every request.
+//! - [`EditConfig`] (`edit`): chat requests asking for an edit of a window of whole
+//!   lines of a corpus file (rename, comment, reformat…) quoted in a fenced code block,
+//!   that block itself sent as `prediction` (predicted outputs): an edit rewrites most
+//!   of its input unchanged, so a server that speculates from the prediction accepts
+//!   most of it.
 //!
 //! Prompts of a given token length are made of common English words that are one token
 //! each in the Codestral v3 vocabulary (with their leading space), so `n` words ≈ `n`
@@ -71,6 +76,8 @@ pub struct RequestSpec {
     pub max_tokens: u32,
     /// Sent when set, to make the output length exact.
     pub min_tokens: Option<u32>,
+    /// The predicted output, sent as `prediction` (edit workload only).
+    pub prediction: Option<String>,
 }
 
 /// Keystroke workload settings.
@@ -143,6 +150,34 @@ impl Default for FixedConfig {
     }
 }
 
+/// Edit workload settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EditConfig {
+    /// The code to edit: whole lines of a corpus file, at most this many characters
+    /// (at least one line).
+    pub max_code_chars: usize,
+    /// Completion length cap (no `min_tokens`: an edit ends where the model ends it).
+    pub max_tokens: u32,
+}
+
+impl Default for EditConfig {
+    fn default() -> Self {
+        EditConfig {
+            max_code_chars: 1200,
+            max_tokens: 512,
+        }
+    }
+}
+
+/// What an edit request asks for; the code follows.
+const EDIT_INSTRUCTIONS: &[&str] = &[
+    "Rename the variables in this code to longer, more descriptive names. Reply with the whole edited code only.",
+    "Add a short comment above each function in this code. Reply with the whole edited code only.",
+    "Fix any typos in the comments of this code and keep everything else as it is. Reply with the whole code only.",
+    "Reformat this code to the usual style of its language. Reply with the whole edited code only.",
+    "Make the error handling in this code more explicit. Reply with the whole edited code only.",
+];
+
 /// Which workload a run sends.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -150,6 +185,7 @@ pub enum Workload {
     Keystroke(KeystrokeConfig),
     Chat(ChatConfig),
     Fixed(FixedConfig),
+    Edit(EditConfig),
 }
 
 impl Workload {
@@ -158,6 +194,7 @@ impl Workload {
             Workload::Keystroke(_) => "keystroke",
             Workload::Chat(_) => "chat",
             Workload::Fixed(_) => "fixed",
+            Workload::Edit(_) => "edit",
         }
     }
 
@@ -170,6 +207,7 @@ impl Workload {
                 suffix: None,
                 max_tokens: f.output_tokens,
                 min_tokens: Some(f.output_tokens),
+                prediction: None,
             },
             Workload::Chat(c) => {
                 let (input, output) = ChatLengths::new(c).sample(&mut rng);
@@ -178,8 +216,10 @@ impl Workload {
                     suffix: None,
                     max_tokens: output,
                     min_tokens: Some(output),
+                    prediction: None,
                 }
             }
+            Workload::Edit(e) => edit_request(e, &mut rng),
             // Keystroke runs draw from one session per developer; request `index` on
             // its own is developer `index`'s first request.
             Workload::Keystroke(k) => {
@@ -346,7 +386,33 @@ impl KeystrokeSession {
             suffix: Some(first_chars(after, self.config.max_suffix_chars).to_string()),
             max_tokens: self.config.max_tokens,
             min_tokens: None,
+            prediction: None,
         }
+    }
+}
+
+/// An edit request: an instruction, then whole lines of a random corpus file from a
+/// random line on (up to `max_code_chars`, at least one line) in a fenced block; the
+/// block, as the answer would start and end, is the prediction.
+fn edit_request(config: &EditConfig, rng: &mut impl Rng) -> RequestSpec {
+    let file = CORPUS[rng.random_range(0..CORPUS.len())];
+    let lines: Vec<&str> = file.text.split_inclusive('\n').collect();
+    let first = rng.random_range(0..lines.len());
+    let mut code = String::new();
+    for line in &lines[first..] {
+        if !code.is_empty() && code.len() + line.len() > config.max_code_chars {
+            break;
+        }
+        code.push_str(line);
+    }
+    let instruction = EDIT_INSTRUCTIONS[rng.random_range(0..EDIT_INSTRUCTIONS.len())];
+    let block = format!("```{}\n{code}```", file.name);
+    RequestSpec {
+        prompt: format!("{instruction}\n\n{block}"),
+        suffix: None,
+        max_tokens: config.max_tokens,
+        min_tokens: None,
+        prediction: Some(block),
     }
 }
 
@@ -494,6 +560,29 @@ mod tests {
             assert!(r.prompt.chars().count() <= 40);
             assert!(r.suffix.unwrap().chars().count() <= 10);
         }
+    }
+
+    #[test]
+    fn edit_requests_predict_the_whole_lines_of_corpus_code_they_quote() {
+        let w = Workload::Edit(EditConfig::default());
+        for i in 0..50 {
+            let r = w.request(4, i);
+            assert_eq!(r, w.request(4, i));
+            let block = r.prediction.clone().unwrap();
+            assert!(r.prompt.ends_with(&format!("\n\n{block}")), "{}", r.prompt);
+            let (name, code) = block[3..].split_once('\n').unwrap();
+            let code = code.strip_suffix("```").unwrap();
+            assert!(!code.is_empty() && code.ends_with('\n'), "{code:?}");
+            assert!(
+                code.len() <= 1200 || code.lines().count() == 1,
+                "{} chars",
+                code.len()
+            );
+            let file = CORPUS.iter().find(|f| f.name == name).unwrap();
+            assert!(file.text.contains(code));
+            assert_eq!((r.max_tokens, r.min_tokens, r.suffix), (512, None, None));
+        }
+        assert_ne!(w.request(4, 0), w.request(4, 1));
     }
 
     #[test]

@@ -241,9 +241,11 @@ impl Drafter {
     }
 }
 
-/// A sequence's draft length: starts at the cap, grows by one after a step that
-/// accepted every draft, and falls to one more than the accepted count otherwise, so
-/// a sequence whose drafts keep failing spends at most one extra token per step.
+/// A sequence's draft length: starts at the cap, doubles after a step that accepted
+/// every draft, and falls to one more than the accepted count otherwise, so a sequence
+/// whose drafts keep failing spends at most one extra token per step, and one whose
+/// drafts fail once (a prediction's changed token, then re-aligned) is back at the cap
+/// within log2(cap) steps.
 #[derive(Clone, Copy, Debug)]
 pub struct DraftLength {
     k: usize,
@@ -266,7 +268,7 @@ impl DraftLength {
             return;
         }
         self.k = if accepted == proposed {
-            (self.k + 1).min(self.max)
+            (self.k * 2).min(self.max)
         } else {
             (accepted + 1).min(self.max)
         };
@@ -381,14 +383,16 @@ mod tests {
     }
 
     #[test]
-    fn draft_length_grows_on_full_acceptance_and_falls_on_rejection() {
+    fn draft_length_doubles_on_full_acceptance_and_falls_on_rejection() {
         let mut k = DraftLength::new(8);
         assert_eq!(k.get(), 8);
         k.observe(8, 2);
         assert_eq!(k.get(), 3);
         k.observe(3, 3);
-        assert_eq!(k.get(), 4);
-        k.observe(4, 0);
+        assert_eq!(k.get(), 6);
+        k.observe(6, 6);
+        assert_eq!(k.get(), 8, "capped");
+        k.observe(8, 0);
         assert_eq!(k.get(), 1);
         k.observe(0, 0);
         assert_eq!(k.get(), 1, "no draft, nothing learned");

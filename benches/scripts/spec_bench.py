@@ -15,7 +15,8 @@ Decode tokens/s of one stream = (completion_tokens - 1) / (last chunk - first ch
 for the batch, all output tokens / (last end - first send). Acceptance = accepted /
 (accepted + rejected) from the responses' usage; mean accepted length = accepted
 drafts per verified draft, from /metrics' `stral_spec_acceptance_length` over the on
-runs. Prints a Markdown table.
+runs; engine steps per run and mean step wall time from /metrics (what a verified
+draft costs the step). Prints a Markdown table.
 
 Usage: spec_bench.py PORT [ROUNDS] [MAX_TOKENS]
 """
@@ -86,9 +87,10 @@ def metrics():
     conn.close()
     out = {}
     for line in text.splitlines():
-        if line.startswith("stral_spec_acceptance_length_sum") or line.startswith("stral_spec_acceptance_length_count"):
-            k, v = line.split()
-            out[k] = float(v)
+        for name in ("stral_spec_acceptance_length_sum", "stral_spec_acceptance_length_count",
+                     "stral_engine_steps_total", "stral_step_duration_seconds_sum"):
+            if line.startswith(name + " "):
+                out[name] = float(line.split()[1])
     return out
 
 
@@ -111,6 +113,13 @@ class Case:
         self.accepted = self.rejected = 0
         self.len_sum = self.len_count = 0.0
         self.identical = True
+        # Engine steps and their summed wall time, off and on.
+        self.steps = {"off": [0.0, 0.0], "on": [0.0, 0.0]}
+
+    def count_steps(self, mode, before, after):
+        s = self.steps[mode]
+        s[0] += after["stral_engine_steps_total"] - before["stral_engine_steps_total"]
+        s[1] += after["stral_step_duration_seconds_sum"] - before["stral_step_duration_seconds_sum"]
 
     def row(self):
         off, on = statistics.median(self.off), statistics.median(self.on)
@@ -118,17 +127,24 @@ class Case:
         rate = f"{100 * self.accepted / verified:.0f} %" if verified else "no drafts"
         mean_len = f"{self.len_sum / self.len_count:.2f}" if self.len_count else "–"
         same = "yes" if self.identical else "**NO**"
-        return f"| {self.name} | {off:.1f} | {on:.1f} | {on / off:.2f}× | {rate} | {mean_len} | {same} |"
+        (n_off, t_off), (n_on, t_on) = self.steps["off"], self.steps["on"]
+        steps = f"{n_off / ROUNDS:.0f} / {n_on / ROUNDS:.0f}"
+        step_ms = f"{1e3 * t_off / n_off:.2f} / {1e3 * t_on / n_on:.2f}"
+        return (f"| {self.name} | {off:.1f} | {on:.1f} | {on / off:.2f}× | {rate} | {mean_len} "
+                f"| {steps} | {step_ms} | {same} |")
 
 
 def single(case, prompt, prediction_of):
     """Alternates off and on runs; `prediction_of(plain_text)` gives the on run's extras."""
     for _ in range(ROUNDS):
+        before = metrics()
         n, dt, _, plain, _, _ = stream(request(prompt, speculative=False))
+        case.count_steps("off", before, metrics())
         case.off.append((n - 1) / dt)
         before = metrics()
         n, dt, usage, text, _, _ = stream(request(prompt, **prediction_of(plain)))
         after = metrics()
+        case.count_steps("on", before, after)
         case.on.append((n - 1) / dt)
         d = usage["completion_tokens_details"]
         case.accepted += d["accepted_prediction_tokens"]
@@ -157,11 +173,14 @@ def batch(case):
         return tokens / wall, results
 
     for _ in range(ROUNDS):
+        before = metrics()
         tput, plain = run([{"speculative": False}] * BATCH)
+        case.count_steps("off", before, metrics())
         case.off.append(tput)
         before = metrics()
         tput, spec = run([{"prediction": {"type": "content", "content": p[3]}} for p in plain])
         after = metrics()
+        case.count_steps("on", before, after)
         case.on.append(tput)
         for r in spec:
             d = r[2]["completion_tokens_details"]
@@ -194,8 +213,9 @@ def main():
     cases.append(e)
     print(f"{ROUNDS} off/on pairs per case, alternated; single stream {MAX_TOKENS} tokens, "
           f"batch {BATCH} × {BATCH_TOKENS} tokens; medians\n")
-    print("| case | off tok/s | on tok/s | speed-up | acceptance | mean accepted length | same text |")
-    print("|---|---|---|---|---|---|---|")
+    print("| case | off tok/s | on tok/s | speed-up | acceptance | mean accepted length "
+          "| steps per run off / on | ms per step off / on | same text |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for case in cases:
         print(case.row())
 

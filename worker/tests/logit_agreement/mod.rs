@@ -95,6 +95,7 @@ pub fn compare(got: &[f32], want: &[f32], vocab: usize) -> Agreement {
 
 /// Bounds on an [`Agreement`]: max and mean |Δ| as fractions of the logit range, and
 /// the least top-1 agreement.
+#[derive(Clone, Copy)]
 pub struct Bounds {
     pub rel_max: f32,
     pub rel_mean: f32,

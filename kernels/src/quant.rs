@@ -103,12 +103,12 @@ impl QMatrix {
     /// of [`Q8_0_BLOCK`]).
     pub fn from_f32(w: Vec<f32>, cols: usize, dtype: WeightDtype) -> Self {
         assert!(
-            cols > 0 && w.len() % cols == 0,
+            cols > 0 && w.len().is_multiple_of(cols),
             "QMatrix: {} not a multiple of {cols}",
             w.len()
         );
         assert!(
-            dtype != WeightDtype::Q8_0 || cols % Q8_0_BLOCK == 0,
+            dtype != WeightDtype::Q8_0 || cols.is_multiple_of(Q8_0_BLOCK),
             "QMatrix: Q8_0 rows of {cols} are not whole blocks"
         );
         match dtype {
@@ -151,7 +151,7 @@ impl QMatrix {
     /// A Q8_0 matrix from stored blocks (as a GGUF file holds them): `q` row-major
     /// `[rows, cols]`, `d` the f16 scale bits of each 32-block in the same order.
     pub fn q8_0_from_blocks(cols: usize, q: Vec<i8>, d: Vec<u16>) -> Result<Self, String> {
-        if cols == 0 || cols % Q8_0_BLOCK != 0 || q.len() % cols != 0 {
+        if cols == 0 || !cols.is_multiple_of(Q8_0_BLOCK) || !q.len().is_multiple_of(cols) {
             return Err(format!(
                 "Q8_0 blocks: {} values do not make rows of {cols} whole 32-blocks",
                 q.len()

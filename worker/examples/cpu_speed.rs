@@ -79,9 +79,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             n_prefill as f64 / prefill_time
         );
         for batch in [1, seqs] {
-            let mut cached = prompt_len;
             let t = Instant::now();
-            for _ in 0..decode_steps / 2 {
+            for cached in prompt_len..prompt_len + decode_steps / 2 {
                 let tok = [42u32];
                 let chunks: Vec<SeqChunk> = tables[..batch]
                     .iter()
@@ -93,7 +92,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     })
                     .collect();
                 g.forward(&StepInput::build(bs, None, &chunks))?;
-                cached += 1;
             }
             let dt = t.elapsed().as_secs_f64();
             let n = batch * decode_steps / 2;

@@ -504,7 +504,7 @@ impl Checkpoint {
         row_len: usize,
         dtype: WeightDtype,
     ) -> Result<QMatrix, WorkerError> {
-        if dtype == WeightDtype::Q8_0 && row_len % Q8_0_BLOCK != 0 {
+        if dtype == WeightDtype::Q8_0 && !row_len.is_multiple_of(Q8_0_BLOCK) {
             return Err(WorkerError::Config(format!(
                 "Q8_0 weights need rows of whole {Q8_0_BLOCK}-blocks, but this rank's {p:?} rows are {row_len} long"
             )));

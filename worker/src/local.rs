@@ -70,6 +70,12 @@ impl LocalTpGroup {
 
     /// Runs one step on every rank; returns rank 0's logits.
     pub fn forward(&mut self, step: &StepInput) -> Result<Vec<f32>, WorkerError> {
+        if let [(model, coll)] = &mut self.ranks[..] {
+            // One rank waits on no other: it may run on the pool (`forward_on_pool`).
+            return model
+                .forward_on_pool(step, coll)?
+                .ok_or_else(|| WorkerError::Collective("rank 0 returned no logits".into()));
+        }
         let results: Vec<_> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .ranks

@@ -427,6 +427,20 @@ impl CpuModel {
         validate_step(&self.weights.config, self.layout, step)
     }
 
+    /// [`CpuModel::forward`] run on a thread of rayon's pool, so the parallel loops of
+    /// its GEMVs fork with work-stealing joins instead of each one parking the caller
+    /// on a latch (a futex sleep and wake per loop, from a thread outside the pool).
+    /// Only for a group of one: ranks that wait on each other in collectives must not
+    /// run on one pool, where a rank waiting in a join could steal another rank's step
+    /// and block it under itself.
+    pub fn forward_on_pool(
+        &mut self,
+        step: &StepInput,
+        coll: &mut dyn Collective,
+    ) -> Result<Option<Vec<f32>>, WorkerError> {
+        rayon::scope(|_| self.forward(step, coll))
+    }
+
     /// Runs one step. Returns `[logit_rows.len(), vocab]` logits on rank 0, `None`
     /// on other ranks. Every rank of the group must run the same step.
     pub fn forward(

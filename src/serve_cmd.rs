@@ -149,10 +149,13 @@ pub struct ServeArgs {
     #[arg(long, value_parser = parse_gpu, required_if_eq("worker_backend", "sim"))]
     gpu: Option<worker::sim::GpuKind>,
     /// How the workers store weights. `auto`: the checkpoint's own format where the
-    /// backend has it (CPU: f32 or bf16, f16 widens to f32; CUDA: bf16). On the CPU,
-    /// `bf16` halves and `int8` (one f32 scale per output row, quantized at load)
-    /// quarters the bytes a decode step reads against `f32`; activations and
-    /// accumulation stay f32. `--worker-backend sim` models `bf16`, `int8` and `fp8`
+    /// backend has it (CPU: f32 or bf16, f16 widens to f32; a GGUF file's Q8_0 blocks
+    /// are kept bit for bit, its F16/BF16 become bf16 and its Q4_0/Q4_K int8 rows,
+    /// lossy; CUDA: bf16). On the CPU, `bf16` halves, and `int8` (one f32 scale per
+    /// output row) and `q8_0` (llama.cpp's blocks of 32 int8 with an f16 scale, 34/32
+    /// bytes per weight), both quantized at load, quarter the bytes a decode step reads
+    /// against `f32`; activations are f32 (int8 per 32-block inside the int8 and q8_0
+    /// decode dot products). `--worker-backend sim` models `bf16`, `int8` and `fp8`
     /// weights (bytes per weight in its step-time model).
     #[arg(long, value_enum, default_value_t = WeightDtypeArg::Auto)]
     dtype: WeightDtypeArg,
@@ -205,6 +208,8 @@ enum WeightDtypeArg {
     F32,
     Bf16,
     Int8,
+    #[value(name = "q8_0")]
+    Q8_0,
     Fp8,
 }
 

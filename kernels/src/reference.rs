@@ -368,37 +368,36 @@ pub fn paged_attention(
         let q_len = meta.q_indptr[s + 1] - meta.q_indptr[s];
         rows.extend(((meta.ctx_lens[s] - q_len)..meta.ctx_lens[s]).map(|p| (s, p)));
     }
-    out.par_chunks_mut(n_heads * d)
-        .zip(q.par_chunks(n_heads * d))
-        .zip(rows.par_iter())
-        .for_each(|((orow, qrow), &(s, pos))| {
+    // Parallel over (query row, head) pairs, so a decode step's one row still spreads
+    // its heads over the cores.
+    out.par_chunks_mut(d)
+        .zip(q.par_chunks(d))
+        .enumerate()
+        .for_each(|(i, (oh, qh))| {
+            let (s, pos) = rows[i / n_heads];
+            let kh = (i % n_heads) / group;
             let table = &meta.block_tables[s * meta.max_blocks..(s + 1) * meta.max_blocks];
             let start = meta.window_start(pos) as usize;
             let keys = start..pos as usize + 1;
             let mut scores = vec![0f32; keys.len()];
-            for h in 0..n_heads {
-                let kh = h / group;
-                let qh = &qrow[h * d..(h + 1) * d];
-                let slot = |p: usize| table[p / bs] as usize * bs + p % bs;
-                let mut max = f32::NEG_INFINITY;
-                for (sc, p) in scores.iter_mut().zip(keys.clone()) {
-                    let off = layout.offset(slot(p), kh);
-                    *sc = dot(qh, &k_cache[off..off + d]) * scale;
-                    max = max.max(*sc);
-                }
-                let mut sum = 0.0;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
-                }
-                let oh = &mut orow[h * d..(h + 1) * d];
-                oh.fill(0.0);
-                for (sc, p) in scores.iter().zip(keys.clone()) {
-                    let off = layout.offset(slot(p), kh);
-                    let w = sc / sum;
-                    for (o, v) in oh.iter_mut().zip(&v_cache[off..off + d]) {
-                        *o += w * v;
-                    }
+            let slot = |p: usize| table[p / bs] as usize * bs + p % bs;
+            let mut max = f32::NEG_INFINITY;
+            for (sc, p) in scores.iter_mut().zip(keys.clone()) {
+                let off = layout.offset(slot(p), kh);
+                *sc = dot(qh, &k_cache[off..off + d]) * scale;
+                max = max.max(*sc);
+            }
+            let mut sum = 0.0;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            oh.fill(0.0);
+            for (sc, p) in scores.iter().zip(keys.clone()) {
+                let off = layout.offset(slot(p), kh);
+                let w = sc / sum;
+                for (o, v) in oh.iter_mut().zip(&v_cache[off..off + d]) {
+                    *o += w * v;
                 }
             }
         });

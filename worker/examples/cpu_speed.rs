@@ -1,28 +1,53 @@
 //! Tokens/s of the CPU reference backend on the embedded tiny model: prefill of a
-//! 512-token prompt, and greedy decode at batch 1 and 16, for TP = 1 and 2 (ranks
-//! as threads). Prints Markdown rows for `benches/RESULTS.md`.
+//! 512-token prompt, and greedy decode at batch 1 and 16, for each weight dtype and
+//! TP (ranks as threads). Prints Markdown rows for `benches/RESULTS.md`.
 //!
-//! Run: `cargo run --release -p worker --example cpu_speed`
+//! Run: `cargo run --release -p worker --example cpu_speed -- [--dtype f32,bf16,int8,q8_0] [--tp 1,2]`
+//! (defaults: f32; TP 1 and 2).
 
 use std::time::Instant;
 
+use kernels::quant::WeightDtype;
 use worker::checkpoint::Checkpoint;
 use worker::local::LocalTpGroup;
 use worker::model::{SeqChunk, StepInput};
 
+/// The comma-separated values after `flag`, or `default`.
+fn list_arg<T: std::str::FromStr>(flag: &str, default: &str) -> Result<Vec<T>, String>
+where
+    T::Err: std::fmt::Display,
+{
+    let args: Vec<String> = std::env::args().collect();
+    let v = match args.iter().position(|a| a == flag) {
+        Some(i) => args
+            .get(i + 1)
+            .ok_or_else(|| format!("{flag} needs a value"))?
+            .as_str(),
+        None => default,
+    };
+    v.split(',')
+        .map(|s| s.parse().map_err(|e| format!("{flag} {s}: {e}")))
+        .collect()
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let dtypes: Vec<WeightDtype> = list_arg("--dtype", "f32")?;
+    let tps: Vec<usize> = list_arg("--tp", "1,2")?;
     let dir = worker::embedded::ensure_embedded_model()?;
     let ckpt = Checkpoint::open(&dir)?;
     let bs = 16;
     let vocab = ckpt.config.vocab_size as u32;
-    println!("| TP | phase | batch | tokens | seconds | tokens/s |");
-    println!("|---|---|---|---|---|---|");
-    for tp in [1, 2] {
+    println!("| dtype | TP | phase | batch | tokens | seconds | tokens/s |");
+    println!("|---|---|---|---|---|---|---|");
+    for (&dtype, tp) in dtypes
+        .iter()
+        .flat_map(|d| tps.iter().map(move |&tp| (d, tp)))
+    {
         let prompt_len: usize = 512;
         let seqs = 16;
-        let decode_steps = 32;
+        let decode_steps = 64;
         let per_seq_blocks = (prompt_len + decode_steps).div_ceil(bs);
-        let mut g = LocalTpGroup::load(&ckpt, tp, seqs * per_seq_blocks, bs)?;
+        let mut g = LocalTpGroup::load_as(&ckpt, tp, seqs * per_seq_blocks, bs, dtype)?;
         let tables: Vec<Vec<u32>> = (0..seqs)
             .map(|s| ((s * per_seq_blocks) as u32..((s + 1) * per_seq_blocks) as u32).collect())
             .collect();
@@ -50,13 +75,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let n_prefill = (seqs - 1) * prompt_len;
         println!(
-            "| {tp} | prefill | 1 | {n_prefill} | {prefill_time:.3} | {:.0} |",
+            "| {dtype:?} | {tp} | prefill | 1 | {n_prefill} | {prefill_time:.3} | {:.0} |",
             n_prefill as f64 / prefill_time
         );
         for batch in [1, seqs] {
-            let mut cached = prompt_len;
             let t = Instant::now();
-            for _ in 0..decode_steps / 2 {
+            for cached in prompt_len..prompt_len + decode_steps / 2 {
                 let tok = [42u32];
                 let chunks: Vec<SeqChunk> = tables[..batch]
                     .iter()
@@ -68,12 +92,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     })
                     .collect();
                 g.forward(&StepInput::build(bs, None, &chunks))?;
-                cached += 1;
             }
             let dt = t.elapsed().as_secs_f64();
             let n = batch * decode_steps / 2;
             println!(
-                "| {tp} | decode | {batch} | {n} | {dt:.3} | {:.0} |",
+                "| {dtype:?} | {tp} | decode | {batch} | {n} | {dt:.3} | {:.0} |",
                 n as f64 / dt
             );
         }

@@ -110,7 +110,13 @@ impl Backend for CpuBackend {
     }
 
     fn forward(&mut self, step: &Step<'_>) -> Result<Option<Vec<f32>>, WorkerError> {
-        self.model.forward(step.input(), self.coll.as_mut())
+        // A group of one waits on no other rank, so it may run on the pool; ranks of a
+        // larger group may share this process (and its pool), so they do not.
+        if self.coll.world_size() == 1 {
+            self.model.forward_on_pool(step.input(), self.coll.as_mut())
+        } else {
+            self.model.forward(step.input(), self.coll.as_mut())
+        }
     }
 
     fn describe(&self) -> String {

@@ -9,7 +9,15 @@
 //!
 //! GGUF files ([`crate::gguf`]) store `wq`/`wk` rows in interleaved-pair order too
 //! (llama.cpp's converter permutes HF rows back), so they get the same permutation;
-//! their other tensors need none. Their quantized types decode to f32 here.
+//! their other tensors need none. Their quantized types decode to f32 here, except
+//! that a Q8_0 tensor asked for as [`WeightDtype::Q8_0`] keeps its stored blocks
+//! bit for bit ([`Checkpoint::load_rows_as`]).
+//!
+//! Under `--dtype auto` each tensor is kept as the checkpoint stores it where the CPU
+//! has that format ([`Checkpoint::native_dtype`]): safetensors bf16 → bf16, f32 and
+//! f16 → f32; GGUF F32 → f32, F16/BF16 → bf16, Q8_0 → Q8_0 (as stored), and Q4_0/Q4_K
+//! → int8 rows (dequantized, then requantized per row: lossy on top of the file's
+//! own 4-bit rounding).
 //!
 //! Invariant: a rank reads only its own slices (whole heads / rows / columns), so no
 //! process ever materialises the full 44.5 GB model.
@@ -18,9 +26,11 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use kernels::quant::{QMatrix, WeightDtype, Q8_0_BLOCK};
+
 use crate::config::{CheckpointFormat, ModelConfig};
-use crate::gguf::GgufFile;
-use crate::safetensors_io::{MappedFile, StoredTensor};
+use crate::gguf::{GgmlType, GgufFile};
+use crate::safetensors_io::{MappedFile, StoredDtype, StoredTensor};
 use crate::WorkerError;
 
 /// One parameter tensor of the model, named independently of the layout.
@@ -136,25 +146,25 @@ impl Param {
 
 /// Reorders the rows of whole heads from interleaved-pair order to rotate-half order:
 /// rotate-half row `j·d/2 + i` is interleaved row `2i + j`.
-pub fn interleaved_to_half(w: &[f32], head_dim: usize, row_len: usize) -> Vec<f32> {
+pub fn interleaved_to_half<T: Copy + Default>(w: &[T], head_dim: usize, row_len: usize) -> Vec<T> {
     permute_head_rows(w, head_dim, row_len, |r| {
         2 * (r % (head_dim / 2)) + r / (head_dim / 2)
     })
 }
 
 /// The inverse of [`interleaved_to_half`].
-pub fn half_to_interleaved(w: &[f32], head_dim: usize, row_len: usize) -> Vec<f32> {
+pub fn half_to_interleaved<T: Copy + Default>(w: &[T], head_dim: usize, row_len: usize) -> Vec<T> {
     permute_head_rows(w, head_dim, row_len, |r| (r % 2) * (head_dim / 2) + r / 2)
 }
 
 /// `out` row `r` of each head = `w` row `src(r)` of the same head.
-fn permute_head_rows(
-    w: &[f32],
+fn permute_head_rows<T: Copy + Default>(
+    w: &[T],
     head_dim: usize,
     row_len: usize,
     src: impl Fn(usize) -> usize,
-) -> Vec<f32> {
-    let mut out = vec![0f32; w.len()];
+) -> Vec<T> {
+    let mut out = vec![T::default(); w.len()];
     for (oh, wh) in out
         .chunks_exact_mut(head_dim * row_len)
         .zip(w.chunks_exact(head_dim * row_len))
@@ -376,6 +386,130 @@ impl Checkpoint {
             Storage::Safetensors { .. } => self.tensor(p)?.cols(cols),
         };
         Ok(self.to_internal(p, w, row_len))
+    }
+
+    /// The format `--dtype auto` keeps `p` in: the stored one where the CPU has it
+    /// (see the module doc).
+    pub fn native_dtype(&self, p: Param) -> Result<WeightDtype, WorkerError> {
+        Ok(match &self.storage {
+            Storage::Gguf(g) => {
+                let name = p.gguf_name();
+                match g.get(&name, &p.shape(&self.config))?.ty {
+                    GgmlType::F32 => WeightDtype::F32,
+                    GgmlType::F16 | GgmlType::Bf16 => WeightDtype::Bf16,
+                    GgmlType::Q8_0 => WeightDtype::Q8_0,
+                    GgmlType::Q4_0 | GgmlType::Q4K => WeightDtype::Int8,
+                }
+            }
+            Storage::Safetensors { .. } => match self.tensor(p)?.dtype {
+                StoredDtype::Bf16 => WeightDtype::Bf16,
+                StoredDtype::F32 | StoredDtype::F16 => WeightDtype::F32,
+            },
+        })
+    }
+
+    /// The parameters stored in a 4-bit GGUF type (Q4_0, Q4_K), which `--dtype auto`
+    /// requantizes to int8 rows at load.
+    pub fn four_bit_params(&self) -> Vec<Param> {
+        let Storage::Gguf(g) = &self.storage else {
+            return Vec::new();
+        };
+        Param::all(&self.config)
+            .into_iter()
+            .filter(|p| {
+                g.tensor_info(&p.gguf_name())
+                    .is_some_and(|t| matches!(t.ty, GgmlType::Q4_0 | GgmlType::Q4K))
+            })
+            .collect()
+    }
+
+    /// Rows `rows` of matrix `p` stored as `dtype`, in the internal convention. A GGUF
+    /// Q8_0 tensor asked for as Q8_0 keeps the file's blocks bit for bit; everything
+    /// else is read as f32 ([`Self::load_rows`]) and converted.
+    pub fn load_rows_as(
+        &self,
+        p: Param,
+        rows: Range<usize>,
+        dtype: WeightDtype,
+    ) -> Result<QMatrix, WorkerError> {
+        let &[_, cols] = &p.shape(&self.config)[..] else {
+            return Err(WorkerError::Checkpoint(format!(
+                "{p:?} is not a matrix; it has no stored format to choose"
+            )));
+        };
+        if let Some(g) = self.stored_q8_0(p, dtype)? {
+            let name = p.gguf_name();
+            let t = g.get(&name, &p.shape(&self.config))?;
+            let (q, d) = g.q8_0_rows(&name, t, rows)?;
+            return self.q8_0_matrix(p, q, d, cols);
+        }
+        self.convert(p, self.load_rows(p, rows)?, cols, dtype)
+    }
+
+    /// Columns `cols` of matrix `p` stored as `dtype`, as in [`Self::load_rows_as`].
+    pub fn load_cols_as(
+        &self,
+        p: Param,
+        cols: Range<usize>,
+        dtype: WeightDtype,
+    ) -> Result<QMatrix, WorkerError> {
+        let row_len = cols.len();
+        if let Some(g) = self.stored_q8_0(p, dtype)? {
+            let name = p.gguf_name();
+            let t = g.get(&name, &p.shape(&self.config))?;
+            let (q, d) = g.q8_0_cols(&name, t, cols)?;
+            return self.q8_0_matrix(p, q, d, row_len);
+        }
+        self.convert(p, self.load_cols(p, cols)?, row_len, dtype)
+    }
+
+    /// The GGUF file when `p` is stored there as Q8_0 and wanted as Q8_0.
+    fn stored_q8_0(&self, p: Param, dtype: WeightDtype) -> Result<Option<&GgufFile>, WorkerError> {
+        match &self.storage {
+            Storage::Gguf(g) if dtype == WeightDtype::Q8_0 => {
+                let t = g.get(&p.gguf_name(), &p.shape(&self.config))?;
+                Ok((t.ty == GgmlType::Q8_0).then_some(g))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Stored Q8_0 rows of `p` (each `row_len` values) in the internal convention.
+    fn q8_0_matrix(
+        &self,
+        p: Param,
+        q: Vec<i8>,
+        d: Vec<u16>,
+        row_len: usize,
+    ) -> Result<QMatrix, WorkerError> {
+        let (q, d) = if p.is_rotary() {
+            let hd = self.config.head_dim;
+            (
+                interleaved_to_half(&q, hd, row_len),
+                interleaved_to_half(&d, hd, row_len / Q8_0_BLOCK),
+            )
+        } else {
+            (q, d)
+        };
+        QMatrix::q8_0_from_blocks(row_len, q, d).map_err(|e| {
+            WorkerError::Checkpoint(format!("{}: {}: {e}", self.dir.display(), p.gguf_name()))
+        })
+    }
+
+    /// f32 rows of `p` (each `row_len` long) stored as `dtype`.
+    fn convert(
+        &self,
+        p: Param,
+        w: Vec<f32>,
+        row_len: usize,
+        dtype: WeightDtype,
+    ) -> Result<QMatrix, WorkerError> {
+        if dtype == WeightDtype::Q8_0 && !row_len.is_multiple_of(Q8_0_BLOCK) {
+            return Err(WorkerError::Config(format!(
+                "Q8_0 weights need rows of whole {Q8_0_BLOCK}-blocks, but this rank's {p:?} rows are {row_len} long"
+            )));
+        }
+        Ok(QMatrix::from_f32(w, row_len, dtype))
     }
 
     /// Whole-head rows of `p` (each `row_len` long) reordered to rotate-half where

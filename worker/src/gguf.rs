@@ -9,7 +9,9 @@
 //! rows back to interleaved-pair RoPE order, so GGUF rotary rows are in the same
 //! order as a Mistral checkpoint's (the caller converts them to rotate-half).
 //! Q4_0 and Q4_K are lossy and are dequantized at load; Q8_0 is lossy too (an f16
-//! scale per 32 int8 values) but exact with respect to what the file stores.
+//! scale per 32 int8 values) but exact with respect to what the file stores, and its
+//! blocks can also be read as stored ([`GgufFile::q8_0_rows`], [`GgufFile::q8_0_cols`])
+//! for the CPU's Q8_0 GEMV.
 //!
 //! Invariants: every count, length, dimension and offset read from the file is
 //! checked against the file's size before anything is allocated or indexed, so a
@@ -471,6 +473,68 @@ impl GgufFile {
         t: &GgufTensor,
         cols: Range<usize>,
     ) -> Result<Vec<f32>, WorkerError> {
+        let mut out = Vec::with_capacity(t.shape[0] * cols.len());
+        self.col_bytes(name, t, cols, |b| t.ty.decode(b, &mut out))?;
+        Ok(out)
+    }
+
+    /// Rows `rows` of a 2-D Q8_0 tensor as stored: its int8 values (`[rows, row_len]`)
+    /// and the f16 bits of each 32-block's scale, in the same order.
+    pub fn q8_0_rows(
+        &self,
+        name: &str,
+        t: &GgufTensor,
+        rows: Range<usize>,
+    ) -> Result<(Vec<i8>, Vec<u16>), WorkerError> {
+        let [n_rows, row_len] = self.q8_0_matrix(name, t)?;
+        if rows.start > rows.end || rows.end > n_rows {
+            return Err(self.err(format!("tensor {name}: rows {rows:?} out of 0..{n_rows}")));
+        }
+        let (be, bs) = t.ty.block();
+        let row_bytes = row_len / be * bs;
+        let mut out = (Vec::new(), Vec::new());
+        split_q8_0(
+            &self.mmap
+                [t.bytes.start + rows.start * row_bytes..t.bytes.start + rows.end * row_bytes],
+            &mut out,
+        );
+        Ok(out)
+    }
+
+    /// Columns `cols` (on block boundaries) of every row of a 2-D Q8_0 tensor as
+    /// stored, as in [`GgufFile::q8_0_rows`].
+    pub fn q8_0_cols(
+        &self,
+        name: &str,
+        t: &GgufTensor,
+        cols: Range<usize>,
+    ) -> Result<(Vec<i8>, Vec<u16>), WorkerError> {
+        self.q8_0_matrix(name, t)?;
+        let mut out = (Vec::new(), Vec::new());
+        self.col_bytes(name, t, cols, |b| split_q8_0(b, &mut out))?;
+        Ok(out)
+    }
+
+    /// `t`'s `[rows, row_len]` when it is a 2-D Q8_0 tensor.
+    fn q8_0_matrix(&self, name: &str, t: &GgufTensor) -> Result<[usize; 2], WorkerError> {
+        match t.shape[..] {
+            [r, c] if t.ty == GgmlType::Q8_0 => Ok([r, c]),
+            _ => Err(self.err(format!(
+                "tensor {name} is a {:?} tensor of shape {:?}, not a Q8_0 matrix",
+                t.ty, t.shape
+            ))),
+        }
+    }
+
+    /// Calls `visit` with the stored bytes of columns `cols` of each row of 2-D `t`, in
+    /// row order (the range checked, and on block boundaries for block types).
+    fn col_bytes(
+        &self,
+        name: &str,
+        t: &GgufTensor,
+        cols: Range<usize>,
+        mut visit: impl FnMut(&[u8]),
+    ) -> Result<(), WorkerError> {
         let [n_rows, row_len] = t.shape[..] else {
             return Err(self.err(format!(
                 "tensor {name}: column slice of a {}-D tensor",
@@ -490,15 +554,20 @@ impl GgufFile {
             )));
         }
         let row_bytes = row_len / be * bs;
-        let mut out = Vec::with_capacity(n_rows * cols.len());
         for r in 0..n_rows {
             let base = t.bytes.start + r * row_bytes;
-            t.ty.decode(
-                &self.mmap[base + cols.start / be * bs..base + cols.end / be * bs],
-                &mut out,
-            );
+            visit(&self.mmap[base + cols.start / be * bs..base + cols.end / be * bs]);
         }
-        Ok(out)
+        Ok(())
+    }
+}
+
+/// Appends whole Q8_0 blocks' values and scale bits to `out`.
+fn split_q8_0(bytes: &[u8], out: &mut (Vec<i8>, Vec<u16>)) {
+    let (_, bs) = GgmlType::Q8_0.block();
+    for b in bytes.chunks_exact(bs) {
+        out.1.push(u16::from_le_bytes([b[0], b[1]]));
+        out.0.extend(b[2..bs].iter().map(|&q| q as i8));
     }
 }
 

@@ -20,13 +20,12 @@ use proto::v1::collective_bootstrap::Kind;
 use proto::v1::{InitReply, InitRequest, ModelFacts};
 
 use crate::backend::{CpuBackend, InitShape, NullBackend, Opened};
-use crate::checkpoint::{Checkpoint, Layout, Param};
+use crate::checkpoint::Checkpoint;
 use crate::collective::{Collective, SoloCollective};
 use crate::cuda::CudaDevice;
-use crate::model::{CpuModel, RankWeights, ShardSpec};
+use crate::model::{CpuModel, RankWeights, ShardSpec, WeightFormat};
 use crate::profile;
 use crate::rank::{Rank, RankLimits};
-use crate::safetensors_io::StoredDtype;
 use crate::sampler::EOS_TOKEN_ID;
 use crate::sim::{self, SimDevice};
 use crate::tcp_collective::{TcpCollective, TcpGroup};
@@ -196,19 +195,27 @@ fn open_cpu(
             kv_bytes_per_block: per_block,
         });
     }
-    let dtype = requested.resolve(&ckpt)?;
-    let weight_bytes = (cfg.n_params() as f64 * dtype.bytes_per_weight()) as u64 / tp as u64;
+    let format = requested.format();
+    let weight_bytes = format.rank_bytes(&ckpt, tp)?;
     check_fits_in_memory(blocks * per_block, weight_bytes, available_memory())?;
     tracing::info!(
         model = %req.model_path,
         format = ?ckpt.format,
         layers = cfg.n_layers,
         params = cfg.n_params(),
-        dtype = ?dtype,
+        dtype = ?format,
+        weight_mib = weight_bytes >> 20,
         "loading shard"
     );
+    let four_bit = ckpt.four_bit_params();
+    if format == WeightFormat::AsStored && !four_bit.is_empty() {
+        tracing::warn!(
+            tensors = four_bit.len(),
+            "Q4_0/Q4_K tensors are dequantized and requantized to int8 rows (one scale per row): lossy on top of the file's 4-bit rounding"
+        );
+    }
     let t0 = Instant::now();
-    let weights = RankWeights::load_as(&ckpt, ShardSpec { tp, rank }, dtype, false)?;
+    let weights = RankWeights::load_as(&ckpt, ShardSpec { tp, rank }, format, false)?;
     tracing::info!(
         seconds = t0.elapsed().as_secs_f64(),
         weight_mib = weights.bytes() >> 20,
@@ -232,9 +239,10 @@ fn open_cpu(
     })
 }
 
-/// The CPU backend's `dtype` choices: `auto` (also `""`) stores weights as the
-/// checkpoint does where the CPU supports that (f32, bf16; f16 checkpoints widen to
-/// f32; GGUF tensors are decoded to f32), or one format for every checkpoint.
+/// The CPU backend's `dtype` choices: `auto` (also `""`) stores each tensor as the
+/// checkpoint does where the CPU supports that (safetensors: f32, bf16, f16 widens to
+/// f32; GGUF: F32 → f32, F16/BF16 → bf16, Q8_0 kept as its blocks, Q4_0/Q4_K → int8
+/// rows, lossy), or one format (`f32`, `bf16`, `int8`, `q8_0`) for every checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum CpuDtype {
     Auto,
@@ -247,22 +255,17 @@ impl CpuDtype {
             "" | "auto" => Ok(Self::Auto),
             other => other.parse().map(Self::Fixed).map_err(|_| {
                 WorkerError::Config(format!(
-                    "dtype '{other}': the CPU backend stores weights as auto, f32, bf16 or int8"
+                    "dtype '{other}': the CPU backend stores weights as auto, f32, bf16, int8 or q8_0"
                 ))
             }),
         }
     }
 
-    fn resolve(self, ckpt: &Checkpoint) -> Result<WeightDtype, WorkerError> {
-        Ok(match self {
-            Self::Fixed(d) => d,
-            // A GGUF file's tensors are decoded to f32 at load.
-            Self::Auto if ckpt.format == Layout::Gguf => WeightDtype::F32,
-            Self::Auto => match ckpt.tensor(Param::Output)?.dtype {
-                StoredDtype::Bf16 => WeightDtype::Bf16,
-                StoredDtype::F32 | StoredDtype::F16 => WeightDtype::F32,
-            },
-        })
+    fn format(self) -> WeightFormat {
+        match self {
+            Self::Fixed(d) => WeightFormat::All(d),
+            Self::Auto => WeightFormat::AsStored,
+        }
     }
 }
 
@@ -322,7 +325,15 @@ mod tests {
             CpuDtype::parse("bf16").unwrap(),
             CpuDtype::Fixed(WeightDtype::Bf16)
         );
+        assert_eq!(
+            CpuDtype::parse("q8_0").unwrap(),
+            CpuDtype::Fixed(WeightDtype::Q8_0)
+        );
+        assert_eq!(
+            CpuDtype::parse("auto").unwrap().format(),
+            WeightFormat::AsStored
+        );
         let e = CpuDtype::parse("fp8").unwrap_err().to_string();
-        assert!(e.contains("'fp8'") && e.contains("int8"), "{e}");
+        assert!(e.contains("'fp8'") && e.contains("q8_0"), "{e}");
     }
 }

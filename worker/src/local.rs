@@ -8,7 +8,7 @@ use kernels::quant::WeightDtype;
 
 use crate::checkpoint::Checkpoint;
 use crate::collective::{Collective, LocalCollective};
-use crate::model::{CpuModel, RankWeights, SeqChunk, ShardSpec, StepInput};
+use crate::model::{CpuModel, RankWeights, SeqChunk, ShardSpec, StepInput, WeightFormat};
 use crate::WorkerError;
 
 /// `tp` ranks of one model, each with its own KV cache of `num_blocks` blocks.
@@ -27,14 +27,16 @@ impl LocalTpGroup {
         Self::load_as(ckpt, tp, num_blocks, block_size, WeightDtype::F32)
     }
 
-    /// [`LocalTpGroup::load`] with every rank's weights stored as `dtype`.
+    /// [`LocalTpGroup::load`] with every rank's weights stored as `format` chooses (a
+    /// [`WeightDtype`] for all, or [`WeightFormat::AsStored`]).
     pub fn load_as(
         ckpt: &Checkpoint,
         tp: usize,
         num_blocks: usize,
         block_size: usize,
-        dtype: WeightDtype,
+        format: impl Into<WeightFormat>,
     ) -> Result<Self, WorkerError> {
+        let format = format.into();
         ckpt.config.check_tp(tp)?;
         let colls = LocalCollective::group(tp);
         let ranks = colls
@@ -43,7 +45,7 @@ impl LocalTpGroup {
             .map(|(rank, c)| {
                 Ok((
                     CpuModel::new(
-                        RankWeights::load_as(ckpt, ShardSpec { tp, rank }, dtype, false)?,
+                        RankWeights::load_as(ckpt, ShardSpec { tp, rank }, format, false)?,
                         num_blocks,
                         block_size,
                     ),
@@ -68,6 +70,12 @@ impl LocalTpGroup {
 
     /// Runs one step on every rank; returns rank 0's logits.
     pub fn forward(&mut self, step: &StepInput) -> Result<Vec<f32>, WorkerError> {
+        if let [(model, coll)] = &mut self.ranks[..] {
+            // One rank waits on no other: it may run on the pool (`forward_on_pool`).
+            return model
+                .forward_on_pool(step, coll)?
+                .ok_or_else(|| WorkerError::Collective("rank 0 returned no logits".into()));
+        }
         let results: Vec<_> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .ranks

@@ -1,8 +1,10 @@
 //! The Mistral forward pass on CPU over a paged KV cache, for one tensor-parallel
 //! rank (the reference backend). Activations, accumulation and the KV cache are f32;
-//! linear weights, the embedding and `lm_head` are stored as the [`WeightDtype`] the
-//! rank was loaded with (f32, bf16, or int8 with one f32 scale per output row), so a
-//! decode step reads 4, 2 or 1 bytes per weight. Norm weights stay f32.
+//! linear weights, the embedding and `lm_head` are stored as the [`WeightFormat`] the
+//! rank was loaded with chooses (f32, bf16, int8 with one f32 scale per output row, or
+//! Q8_0 blocks), so a decode step reads 4, 2, 1 or 34/32 bytes per weight. Norm
+//! weights stay f32. A fused matrix (`wq|wk|wv`, `w1|w3`) has one format: under
+//! [`WeightFormat::AsStored`] the most precise of its parts' (f32 > bf16 > Q8_0 > int8).
 //!
 //! Sharding (Megatron): `wq|wk|wv` fused and split by heads, `w1|w3` fused and split
 //! by rows (column-parallel); `wo` and `w2` split by columns (row-parallel) and
@@ -18,6 +20,8 @@
 use indicatif::{ProgressBar, ProgressStyle};
 use kernels::quant::{self, QMatrix, WeightDtype};
 use kernels::reference::{self as ops, AttnMeta, KvLayout};
+
+use std::ops::Range;
 
 use crate::checkpoint::{Checkpoint, Param};
 use crate::collective::Collective;
@@ -57,19 +61,98 @@ impl Local {
     }
 }
 
-/// One layer's weights for one rank: norms in f32, matrices in the stored format.
-pub struct LayerWeights {
+/// How a CPU rank chooses the stored format of each matrix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// Every matrix converted to this dtype at load.
+    All(WeightDtype),
+    /// Each matrix as the checkpoint stores its parts ([`Checkpoint::native_dtype`]);
+    /// a fused matrix takes the most precise of its parts' formats.
+    AsStored,
+}
+
+impl From<WeightDtype> for WeightFormat {
+    fn from(d: WeightDtype) -> Self {
+        Self::All(d)
+    }
+}
+
+impl WeightFormat {
+    /// The dtype of the matrix the parameters `parts` are fused into.
+    pub fn dtype_of(self, ckpt: &Checkpoint, parts: &[Param]) -> Result<WeightDtype, WorkerError> {
+        let precision = |d: WeightDtype| match d {
+            WeightDtype::Int8 => 0,
+            WeightDtype::Q8_0 => 1,
+            WeightDtype::Bf16 => 2,
+            WeightDtype::F32 => 3,
+        };
+        match self {
+            Self::All(d) => Ok(d),
+            Self::AsStored => {
+                let mut best = WeightDtype::Int8;
+                for &p in parts {
+                    let d = ckpt.native_dtype(p)?;
+                    if precision(d) > precision(best) {
+                        best = d;
+                    }
+                }
+                Ok(best)
+            }
+        }
+    }
+
+    /// Bytes of weights one rank of `tp` holds (norms in f32), for memory checks
+    /// before loading.
+    pub fn rank_bytes(self, ckpt: &Checkpoint, tp: usize) -> Result<u64, WorkerError> {
+        let cfg = &ckpt.config;
+        let numel = |p: Param| p.shape(cfg).iter().product::<usize>() as f64;
+        let mut groups: Vec<Vec<Param>> = vec![vec![Param::Embed], vec![Param::Output]];
+        let mut norms = cfg.dim as f64;
+        for i in 0..cfg.n_layers {
+            groups.extend(layer_matrices(i));
+            norms += 2.0 * cfg.dim as f64;
+        }
+        let mut bytes = 4.0 * norms;
+        for g in &groups {
+            let per = self.dtype_of(ckpt, g)?.bytes_per_weight();
+            // The embedding is replicated; every other matrix is split over the ranks.
+            let share = if g[0] == Param::Embed { 1.0 } else { tp as f64 };
+            bytes += g.iter().map(|&p| numel(p)).sum::<f64>() * per / share;
+        }
+        Ok(bytes as u64)
+    }
+}
+
+/// The parameters fused into each stored matrix of layer `i`, in [`PackedLayer`]
+/// order: `wq|wk|wv`, `wo`, `w1|w3`, `w2`.
+fn layer_matrices(i: usize) -> [Vec<Param>; 4] {
+    [
+        vec![Param::Wq(i), Param::Wk(i), Param::Wv(i)],
+        vec![Param::Wo(i)],
+        vec![Param::W1(i), Param::W3(i)],
+        vec![Param::W2(i)],
+    ]
+}
+
+/// One rank's layer `i`, packed for TP (fused `wq|wk|wv` rows and fused gate|up rows
+/// of this rank's heads and FFN slice, this rank's columns of the row-parallel `wo`
+/// and `w2`), with norms in f32 and matrices as `M`: f32 vectors ([`pack_layer`], what
+/// the CUDA loader uploads) or the CPU's stored format ([`LayerWeights`]).
+pub struct PackedLayer<M = Vec<f32>> {
     pub attn_norm: Vec<f32>,
     pub ffn_norm: Vec<f32>,
     /// `[(heads + 2·kv_heads)·head_dim, dim]`: this rank's q, k and v rows.
-    pub wqkv: QMatrix,
+    pub wqkv: M,
     /// `[dim, heads·head_dim]`: this rank's columns of `wo`.
-    pub wo: QMatrix,
+    pub wo: M,
     /// `[2·ffn, dim]`: this rank's gate rows then up rows.
-    pub w13: QMatrix,
+    pub w13: M,
     /// `[dim, ffn]`: this rank's columns of `w2`.
-    pub w2: QMatrix,
+    pub w2: M,
 }
+
+/// One layer's weights for one CPU rank: norms in f32, matrices in the stored format.
+pub type LayerWeights = PackedLayer<QMatrix>;
 
 impl LayerWeights {
     /// Bytes this layer holds (matrices as stored, norms in f32).
@@ -82,41 +165,87 @@ impl LayerWeights {
     }
 }
 
-/// One rank's layer `i` in f32, packed for TP (fused `wq|wk|wv` rows and fused
-/// gate|up rows of this rank's heads and FFN slice, this rank's columns of the
-/// row-parallel `wo` and `w2`): what both the CPU and the CUDA loaders store.
-pub struct PackedLayer {
-    pub attn_norm: Vec<f32>,
-    pub ffn_norm: Vec<f32>,
-    pub wqkv: Vec<f32>,
-    pub wo: Vec<f32>,
-    pub w13: Vec<f32>,
-    pub w2: Vec<f32>,
+/// A slice of one parameter a rank reads.
+#[derive(Clone, Debug)]
+enum Slice {
+    Rows(Range<usize>),
+    Cols(Range<usize>),
 }
 
-/// Reads and packs layer `i` for `shard` (its [`Param::of_layer`] tensors).
+/// Reads and packs layer `i` for `shard` (its [`Param::of_layer`] tensors): `read`
+/// loads a slice of a parameter for the fused matrix whose parts are given, `stack`
+/// appends rows to a fused matrix.
+fn pack_layer_with<M>(
+    ckpt: &Checkpoint,
+    shard: ShardSpec,
+    i: usize,
+    read: impl Fn(Param, Slice, &[Param]) -> Result<M, WorkerError>,
+    stack: impl Fn(&mut M, M) -> Result<(), WorkerError>,
+) -> Result<PackedLayer<M>, WorkerError> {
+    let cfg = &ckpt.config;
+    let l = Local::new(cfg, shard);
+    let (r, hd) = (shard.rank, cfg.head_dim);
+    let [qkv, o, gate_up, down] = layer_matrices(i);
+    let rows =
+        |p: Param, per: usize, parts: &[Param]| read(p, Slice::Rows(r * per..(r + 1) * per), parts);
+    let mut wqkv = rows(Param::Wq(i), l.heads * hd, &qkv)?;
+    stack(&mut wqkv, rows(Param::Wk(i), l.kv_heads * hd, &qkv)?)?;
+    stack(&mut wqkv, rows(Param::Wv(i), l.kv_heads * hd, &qkv)?)?;
+    let mut w13 = rows(Param::W1(i), l.ffn, &gate_up)?;
+    stack(&mut w13, rows(Param::W3(i), l.ffn, &gate_up)?)?;
+    let cols =
+        |p: Param, per: usize, parts: &[Param]| read(p, Slice::Cols(r * per..(r + 1) * per), parts);
+    Ok(PackedLayer {
+        attn_norm: ckpt.load_rows(Param::AttnNorm(i), 0..cfg.dim)?,
+        ffn_norm: ckpt.load_rows(Param::FfnNorm(i), 0..cfg.dim)?,
+        wqkv,
+        wo: cols(Param::Wo(i), l.heads * hd, &o)?,
+        w13,
+        w2: cols(Param::W2(i), l.ffn, &down)?,
+    })
+}
+
+/// Reads and packs layer `i` for `shard` in f32.
 pub fn pack_layer(
     ckpt: &Checkpoint,
     shard: ShardSpec,
     i: usize,
 ) -> Result<PackedLayer, WorkerError> {
-    let cfg = &ckpt.config;
-    let l = Local::new(cfg, shard);
-    let (r, hd) = (shard.rank, cfg.head_dim);
-    let rows = |p: Param, per: usize| ckpt.load_rows(p, r * per..(r + 1) * per);
-    let mut wqkv = rows(Param::Wq(i), l.heads * hd)?;
-    wqkv.extend(rows(Param::Wk(i), l.kv_heads * hd)?);
-    wqkv.extend(rows(Param::Wv(i), l.kv_heads * hd)?);
-    let mut w13 = rows(Param::W1(i), l.ffn)?;
-    w13.extend(rows(Param::W3(i), l.ffn)?);
-    Ok(PackedLayer {
-        attn_norm: ckpt.load_rows(Param::AttnNorm(i), 0..cfg.dim)?,
-        ffn_norm: ckpt.load_rows(Param::FfnNorm(i), 0..cfg.dim)?,
-        wqkv,
-        wo: ckpt.load_cols(Param::Wo(i), r * l.heads * hd..(r + 1) * l.heads * hd)?,
-        w13,
-        w2: ckpt.load_cols(Param::W2(i), r * l.ffn..(r + 1) * l.ffn)?,
-    })
+    pack_layer_with(
+        ckpt,
+        shard,
+        i,
+        |p, s, _| match s {
+            Slice::Rows(r) => ckpt.load_rows(p, r),
+            Slice::Cols(c) => ckpt.load_cols(p, c),
+        },
+        |m, rows| {
+            m.extend(rows);
+            Ok(())
+        },
+    )
+}
+
+/// Reads and packs layer `i` for `shard`, each matrix stored as `format` chooses.
+fn load_layer(
+    ckpt: &Checkpoint,
+    shard: ShardSpec,
+    i: usize,
+    format: WeightFormat,
+) -> Result<LayerWeights, WorkerError> {
+    pack_layer_with(
+        ckpt,
+        shard,
+        i,
+        |p, s, parts| {
+            let d = format.dtype_of(ckpt, parts)?;
+            match s {
+                Slice::Rows(r) => ckpt.load_rows_as(p, r, d),
+                Slice::Cols(c) => ckpt.load_cols_as(p, c, d),
+            }
+        },
+        |m, rows| m.append_rows(rows).map_err(WorkerError::Checkpoint),
+    )
 }
 
 /// All weights of one rank.
@@ -138,14 +267,16 @@ impl RankWeights {
         Self::load_as(ckpt, shard, WeightDtype::F32, progress)
     }
 
-    /// [`RankWeights::load`] storing every matrix as `dtype` (converted one tensor at
-    /// a time, so the peak is one f32 tensor above the stored size).
+    /// [`RankWeights::load`] storing each matrix as `format` chooses (a
+    /// [`WeightDtype`] for all of them, or as stored), converted one tensor at a time,
+    /// so the peak is one f32 tensor above the stored size.
     pub fn load_as(
         ckpt: &Checkpoint,
         shard: ShardSpec,
-        dtype: WeightDtype,
+        format: impl Into<WeightFormat>,
         progress: bool,
     ) -> Result<Self, WorkerError> {
+        let format = format.into();
         let cfg = &ckpt.config;
         cfg.check_tp(shard.tp)?;
         if shard.rank >= shard.tp {
@@ -156,7 +287,6 @@ impl RankWeights {
         }
         let l = Local::new(cfg, shard);
         let r = shard.rank;
-        let hd = cfg.head_dim;
         let bar = if progress {
             ProgressBar::new(Param::all(cfg).len() as u64)
         } else {
@@ -167,32 +297,19 @@ impl RankWeights {
                 .expect("template"),
         );
         bar.set_message(format!("{r}/{}", shard.tp));
-        let rows = |p: Param, per: usize| {
+        let matrix = |p: Param, rows: Range<usize>| {
             bar.inc(1);
-            ckpt.load_rows(p, r * per..(r + 1) * per)
+            ckpt.load_rows_as(p, rows, format.dtype_of(ckpt, &[p])?)
         };
-        let full = |p: Param, n: usize| {
-            bar.inc(1);
-            ckpt.load_rows(p, 0..n)
-        };
-        let stored = |w: Vec<f32>, cols: usize| QMatrix::from_f32(w, cols, dtype);
         let dim = cfg.dim;
-        let embed = stored(full(Param::Embed, cfg.vocab_size)?, dim);
+        let embed = matrix(Param::Embed, 0..cfg.vocab_size)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         // Without a bar (a worker process), progress goes to the log, one line per layer.
         let started = std::time::Instant::now();
         let mut loaded_bytes = embed.bytes();
         for i in 0..cfg.n_layers {
-            let h = pack_layer(ckpt, shard, i)?;
+            let w = load_layer(ckpt, shard, i, format)?;
             bar.inc(Param::of_layer(i).len() as u64);
-            let w = LayerWeights {
-                attn_norm: h.attn_norm,
-                ffn_norm: h.ffn_norm,
-                wqkv: stored(h.wqkv, dim),
-                wo: stored(h.wo, l.heads * hd),
-                w13: stored(h.w13, dim),
-                w2: stored(h.w2, l.ffn),
-            };
             loaded_bytes += w.bytes();
             layers.push(w);
             if !progress {
@@ -207,8 +324,9 @@ impl RankWeights {
                 );
             }
         }
-        let norm = full(Param::Norm, dim)?;
-        let lm_head = stored(rows(Param::Output, l.vocab)?, dim);
+        bar.inc(1);
+        let norm = ckpt.load_rows(Param::Norm, 0..dim)?;
+        let lm_head = matrix(Param::Output, r * l.vocab..(r + 1) * l.vocab)?;
         bar.finish_and_clear();
         Ok(Self {
             config: cfg.clone(),
@@ -307,6 +425,20 @@ impl CpuModel {
     /// Rejects a step this rank cannot execute, naming the problem.
     pub fn validate(&self, step: &StepInput) -> Result<(), WorkerError> {
         validate_step(&self.weights.config, self.layout, step)
+    }
+
+    /// [`CpuModel::forward`] run on a thread of rayon's pool, so the parallel loops of
+    /// its GEMVs fork with work-stealing joins instead of each one parking the caller
+    /// on a latch (a futex sleep and wake per loop, from a thread outside the pool).
+    /// Only for a group of one: ranks that wait on each other in collectives must not
+    /// run on one pool, where a rank waiting in a join could steal another rank's step
+    /// and block it under itself.
+    pub fn forward_on_pool(
+        &mut self,
+        step: &StepInput,
+        coll: &mut dyn Collective,
+    ) -> Result<Option<Vec<f32>>, WorkerError> {
+        rayon::scope(|_| self.forward(step, coll))
     }
 
     /// Runs one step. Returns `[logit_rows.len(), vocab]` logits on rank 0, `None`

@@ -1,8 +1,10 @@
-//! GGUF checkpoints: the tiny synthetic model written as GGUF (F32, F16, Q8_0, with
-//! llama.cpp's q/k row permutation) loads to the same f32 weights as its
-//! safetensors twin at TP 1 and 2; metadata gives the model facts; the tokenizer
-//! check refuses foreign special tokens; malformed files give one-line errors and
-//! random corruption never panics.
+//! GGUF checkpoints: the tiny synthetic model written as GGUF (F32, F16, Q8_0, Q4_0,
+//! with llama.cpp's q/k row permutation) loads to the same f32 weights as its
+//! safetensors twin at TP 1 and 2; under `--dtype auto` a rank serves the file's Q8_0
+//! blocks bit for bit (and `--dtype q8_0` on the safetensors twin quantizes to the
+//! same blocks); its logits stay within each format's rounding of the f32 model's;
+//! metadata gives the model facts; the tokenizer check refuses foreign special
+//! tokens; malformed files give one-line errors and random corruption never panics.
 //!
 //! `fixtures/gguf/types.gguf` (written by `scripts/gguf/make_fixture.py` with gguf-py
 //! 0.17.1) holds one tensor per supported type; its JSON twin holds gguf-py's own
@@ -11,11 +13,16 @@
 //! The model files are written by a small GGUF v3 writer below, which follows gguf-py's
 //! layout (header, key/values, tensor infos, data aligned to 32).
 
+mod logit_agreement;
+
 use half::f16;
+use kernels::quant::{QMatrix, WeightDtype};
+use logit_agreement::{compare, teacher_forced, teacher_forced_decode, tokens, Bounds};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use worker::checkpoint::{half_to_interleaved, Checkpoint, Param};
 use worker::gguf::GgufFile;
+use worker::model::{RankWeights, ShardSpec, WeightFormat};
 use worker::safetensors_io::StoredDtype;
 use worker::synth::{param_values, synthesize, SynthOptions};
 use worker::{CheckpointFormat, ModelConfig};
@@ -23,6 +30,7 @@ use worker::{CheckpointFormat, ModelConfig};
 const F32: u32 = 0;
 const F16: u32 = 1;
 const Q8_0: u32 = 8;
+const Q4_0: u32 = 2;
 
 /// A minimal GGUF v3 writer (test-only).
 #[derive(Default)]
@@ -82,6 +90,13 @@ impl Writer {
                     data.extend(q.iter().map(|&x| x as u8));
                 }
             }
+            Q4_0 => {
+                for b in values.chunks(32) {
+                    let (d, q) = q4_0(b);
+                    data.extend(f16::from_f32(d).to_le_bytes());
+                    data.extend((0..16).map(|j| q[j] | (q[j + 16] << 4)));
+                }
+            }
             _ => unreachable!("test writer type {ty}"),
         }
         let dims = shape.iter().rev().map(|&d| d as u64).collect();
@@ -120,6 +135,20 @@ fn q8_0(b: &[f32]) -> (f32, Vec<i8>) {
     (d, b.iter().map(|x| (x * id).round() as i8).collect())
 }
 
+/// gguf-py's Q4_0: `d = x_m / -8` for the value `x_m` of largest magnitude,
+/// `q = min(15, trunc(x / d + 8.5))`.
+fn q4_0(b: &[f32]) -> (f32, Vec<u8>) {
+    let m = b
+        .iter()
+        .fold(0f32, |m, &x| if x.abs() > m.abs() { x } else { m });
+    let d = m / -8.0;
+    let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+    (
+        d,
+        b.iter().map(|x| ((x * id + 8.5) as u8).min(15)).collect(),
+    )
+}
+
 fn config() -> ModelConfig {
     ModelConfig {
         n_layers: 2,
@@ -131,6 +160,11 @@ fn config() -> ModelConfig {
 
 /// The tiny model as llama.cpp would convert it: GGUF names, interleaved q/k rows.
 fn model_writer(cfg: &ModelConfig, ty: u32) -> Writer {
+    model_writer_typed(cfg, |_| ty)
+}
+
+/// [`model_writer`] with each matrix in the type `ty_of` gives it (norms stay F32).
+fn model_writer_typed(cfg: &ModelConfig, ty_of: impl Fn(Param) -> u32) -> Writer {
     let mut w = Writer::default();
     w.str("general.architecture", "llama")
         .u32("llama.block_count", cfg.n_layers as u32)
@@ -151,7 +185,7 @@ fn model_writer(cfg: &ModelConfig, ty: u32) -> Writer {
             v = half_to_interleaved(&v, cfg.head_dim, cfg.dim);
         }
         let shape = p.shape(cfg);
-        let t = if shape.len() == 1 { F32 } else { ty };
+        let t = if shape.len() == 1 { F32 } else { ty_of(p) };
         w.tensor(&p.gguf_name(), &shape, t, &v);
     }
     w
@@ -463,3 +497,246 @@ fn the_cpu_model_on_the_f32_gguf_gives_the_safetensors_logits() {
         }
     }
 }
+
+/// The Q8_0 blocks llama.cpp writes for `values` (whole rows of whole blocks).
+fn q8_0_blocks(values: &[f32]) -> (Vec<i8>, Vec<u16>) {
+    let (mut q, mut d) = (Vec::new(), Vec::new());
+    for b in values.chunks_exact(32) {
+        let (s, v) = q8_0(b);
+        d.push(f16::from_f32(s).to_bits());
+        q.extend(v);
+    }
+    (q, d)
+}
+
+/// Rows `rows` of `p`'s synthetic values (internal order), or columns `cols` of every row.
+fn rows_of(cfg: &ModelConfig, p: Param, rows: std::ops::Range<usize>) -> Vec<f32> {
+    let c = p.shape(cfg)[1];
+    param_values(cfg, p, 7)[rows.start * c..rows.end * c].to_vec()
+}
+
+fn cols_of(cfg: &ModelConfig, p: Param, cols: std::ops::Range<usize>) -> Vec<f32> {
+    let c = p.shape(cfg)[1];
+    param_values(cfg, p, 7)
+        .chunks_exact(c)
+        .flat_map(|r| r[cols.clone()].to_vec())
+        .collect()
+}
+
+/// Every matrix a rank serves, with the synthetic values it stands for.
+fn served(cfg: &ModelConfig, w: &RankWeights) -> Vec<(String, QMatrix, Vec<f32>)> {
+    let (tp, r) = (w.shard.tp, w.shard.rank);
+    let part = |n: usize| r * n / tp..(r + 1) * n / tp;
+    let (q, kv, ffn) = (cfg.q_dim(), cfg.kv_dim(), cfg.hidden_dim);
+    let mut out = vec![
+        (
+            "embed".to_string(),
+            w.embed.clone(),
+            rows_of(cfg, Param::Embed, 0..cfg.vocab_size),
+        ),
+        (
+            "lm_head".into(),
+            w.lm_head.clone(),
+            rows_of(cfg, Param::Output, part(cfg.vocab_size)),
+        ),
+    ];
+    for (i, l) in w.layers.iter().enumerate() {
+        let mut qkv = rows_of(cfg, Param::Wq(i), part(q));
+        qkv.extend(rows_of(cfg, Param::Wk(i), part(kv)));
+        qkv.extend(rows_of(cfg, Param::Wv(i), part(kv)));
+        let mut w13 = rows_of(cfg, Param::W1(i), part(ffn));
+        w13.extend(rows_of(cfg, Param::W3(i), part(ffn)));
+        out.extend([
+            (format!("layer {i} wqkv"), l.wqkv.clone(), qkv),
+            (
+                format!("layer {i} wo"),
+                l.wo.clone(),
+                cols_of(cfg, Param::Wo(i), part(q)),
+            ),
+            (format!("layer {i} w13"), l.w13.clone(), w13),
+            (
+                format!("layer {i} w2"),
+                l.w2.clone(),
+                cols_of(cfg, Param::W2(i), part(ffn)),
+            ),
+        ]);
+    }
+    out
+}
+
+#[test]
+fn auto_serves_a_q8_0_gguf_as_its_stored_blocks_and_q8_0_at_load_quantizes_to_the_same() {
+    let cfg = config();
+    let dir = tempfile::tempdir().unwrap();
+    let st = tempfile::tempdir().unwrap();
+    write(dir.path(), &model_writer(&cfg, Q8_0));
+    let g = Checkpoint::open(dir.path()).unwrap();
+    let s = safetensors_twin(st.path(), &cfg);
+    for (ck, format, what) in [
+        (&g, WeightFormat::AsStored, "Q8_0 GGUF, auto"),
+        (
+            &s,
+            WeightFormat::All(WeightDtype::Q8_0),
+            "f32 safetensors, q8_0",
+        ),
+    ] {
+        for tp in [1, 2] {
+            for rank in 0..tp {
+                let w = RankWeights::load_as(ck, ShardSpec { tp, rank }, format, false).unwrap();
+                for (name, m, values) in served(&cfg, &w) {
+                    let (q, d) = m.q8_0_blocks().unwrap_or_else(|| {
+                        panic!("{what} tp {tp} rank {rank} {name}: {:?}", m.dtype())
+                    });
+                    let (want_q, want_d) = q8_0_blocks(&values);
+                    assert!(
+                        q == want_q.as_slice() && d == want_d.as_slice(),
+                        "{what} tp {tp} rank {rank} {name}: blocks differ from the file's"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn auto_keeps_each_gguf_type_where_the_cpu_has_it() {
+    let cfg = config();
+    let shard = ShardSpec { tp: 2, rank: 1 };
+    for (ty, want) in [
+        (F32, WeightDtype::F32),
+        (F16, WeightDtype::Bf16),
+        (Q8_0, WeightDtype::Q8_0),
+        (Q4_0, WeightDtype::Int8),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), &model_writer(&cfg, ty));
+        let g = Checkpoint::open(dir.path()).unwrap();
+        let w = RankWeights::load_as(&g, shard, WeightFormat::AsStored, false).unwrap();
+        for (name, m, _) in served(&cfg, &w) {
+            assert_eq!(m.dtype(), want, "type {ty} {name}");
+        }
+        assert_eq!(g.four_bit_params().is_empty(), ty != Q4_0, "type {ty}");
+    }
+    // A fused matrix takes the most precise of its parts' formats: an F16 wk makes
+    // wq|wk|wv bf16 while the rest stays Q8_0.
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &model_writer_typed(&cfg, |p| if matches!(p, Param::Wk(_)) { F16 } else { Q8_0 }),
+    );
+    let g = Checkpoint::open(dir.path()).unwrap();
+    let w = RankWeights::load_as(&g, shard, WeightFormat::AsStored, false).unwrap();
+    for l in &w.layers {
+        assert_eq!(l.wqkv.dtype(), WeightDtype::Bf16);
+        assert_eq!(l.wo.dtype(), WeightDtype::Q8_0);
+        assert_eq!(l.w13.dtype(), WeightDtype::Q8_0);
+    }
+    let planned = WeightFormat::AsStored.rank_bytes(&g, 2).unwrap();
+    let loaded = w.bytes() as u64;
+    assert!(
+        planned.abs_diff(loaded) * 100 < loaded,
+        "memory check {planned} vs loaded {loaded}"
+    );
+}
+
+#[test]
+fn gguf_f16_q8_0_and_q4_0_logits_stay_within_their_rounding_of_f32_at_tp_1_and_2() {
+    let cfg = config();
+    let st = tempfile::tempdir().unwrap();
+    let s = safetensors_twin(st.path(), &cfg);
+    let tokens = tokens(cfg.vocab_size);
+    // Prefill (dequantize-then-GEMM) and decode (GEMVs, int8 activations for int8/Q8_0).
+    let run = |ck: &Checkpoint, decode: bool, tp: usize, f: WeightFormat| {
+        if decode {
+            teacher_forced_decode(ck, tp, f, &tokens)
+        } else {
+            teacher_forced(ck, tp, f, &tokens)
+        }
+    };
+    let files: Vec<(u32, tempfile::TempDir)> = [F16, Q8_0, Q4_0]
+        .into_iter()
+        .map(|ty| {
+            let dir = tempfile::tempdir().unwrap();
+            write(dir.path(), &model_writer(&cfg, ty));
+            (ty, dir)
+        })
+        .collect();
+    for decode in [false, true] {
+        let path = if decode { "decode" } else { "prefill" };
+        let want = run(&s, decode, 1, WeightFormat::All(WeightDtype::F32));
+        for tp in [1, 2] {
+            let q8_at_load = run(&s, decode, tp, WeightFormat::All(WeightDtype::Q8_0));
+            for (ty, dir) in &files {
+                let g = Checkpoint::open(dir.path()).unwrap();
+                let got = run(&g, decode, tp, WeightFormat::AsStored);
+                let (name, bounds) = match *ty {
+                    F16 => ("F16 GGUF (auto: bf16)", BOUNDS_F16[decode as usize]),
+                    Q8_0 => ("Q8_0 GGUF (auto: Q8_0)", BOUNDS_Q8_0[decode as usize]),
+                    _ => ("Q4_0 GGUF (auto: int8 rows)", BOUNDS_Q4_0[decode as usize]),
+                };
+                compare(&got, &want, cfg.vocab_size)
+                    .check(&format!("{name} {path} tp {tp}"), &bounds);
+                if *ty == Q8_0 {
+                    // The same blocks through the same kernels: the same logits.
+                    assert_eq!(
+                        got, q8_at_load,
+                        "{path} tp {tp}: q8_0 at load vs the Q8_0 file"
+                    );
+                }
+            }
+        }
+    }
+}
+
+// [prefill, decode] bounds on the logits against the f32 safetensors model, as
+// fractions of its logit range (9.24 here), about 3× what this model measures at
+// TP 1 and 2 over 300 positions (the top-1 bound allows about 3× the measured
+// disagreement; TP 1 and 2 measure the same to the digits shown).
+//
+// F16 file, served as bf16: the bf16 rounding (2⁻⁹ relative) dominates the file's f16
+// rounding (2⁻¹¹); measured max 2.4e-3, mean 4.1e-4, top-1 0.983 in both paths (the
+// bf16 GEMV takes f32 activations).
+const BOUNDS_F16: [Bounds; 2] = [
+    Bounds {
+        rel_max: 8e-3,
+        rel_mean: 1.2e-3,
+        min_top1: 0.95,
+    },
+    Bounds {
+        rel_max: 8e-3,
+        rel_mean: 1.2e-3,
+        min_top1: 0.95,
+    },
+];
+// Q8_0 file, served as its blocks: ≤ max|block|/254 per weight (plus 2⁻¹¹ relative
+// for the f16 scale); measured prefill max 6.1e-3, mean 8.9e-4, top-1 0.973; decode
+// adds the activation's int8 rounding per block: max 9.2e-3, mean 1.4e-3, top-1 0.960.
+const BOUNDS_Q8_0: [Bounds; 2] = [
+    Bounds {
+        rel_max: 1.8e-2,
+        rel_mean: 2.7e-3,
+        min_top1: 0.90,
+    },
+    Bounds {
+        rel_max: 2.8e-2,
+        rel_mean: 4.3e-3,
+        min_top1: 0.88,
+    },
+];
+// Q4_0 file, requantized to int8 rows: the file's 4-bit step (max|block|/8, so ≤ 1/16
+// of the block's max per weight) is ~16× Q8_0's, and the int8 requantization
+// (amax/254 per row) adds little; measured max 9.2e-2, mean 1.5e-2 (15× Q8_0's), top-1
+// only 0.73 (random weights have no margin between their top logits). Lossy, as the
+// load log says.
+const BOUNDS_Q4_0: [Bounds; 2] = [
+    Bounds {
+        rel_max: 0.28,
+        rel_mean: 4.6e-2,
+        min_top1: 0.5,
+    },
+    Bounds {
+        rel_max: 0.28,
+        rel_mean: 4.6e-2,
+        min_top1: 0.5,
+    },
+];

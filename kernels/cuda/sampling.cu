@@ -1,6 +1,7 @@
 // Sampling support on f32 logits [n, vocab], one block of SAMPLE_THREADS per row.
 //
-// argmax_rows_f32 mirrors reference::argmax_rows (first index on ties).
+// argmax_rows_f32 mirrors reference::argmax_rows (first index on ties);
+// argmax_pairs_f32 also returns the maximum (reference::argmax_pairs).
 // top_k_rows_f32 mirrors reference::top_k_rows: the row is scaled by 1/temperature
 // (temperature <= 0 means greedy: scale 1), and the k largest scaled values are
 // returned in descending order (lower index first on ties) with their token ids,
@@ -26,11 +27,12 @@ __device__ __forceinline__ float scaled_logit(const float* row, u32 i, float tem
     return temperature > 0.f ? row[i] / temperature : row[i];
 }
 
-extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
-    argmax_rows_f32(const float* __restrict__ logits, u32* __restrict__ out, u32 vocab) {
+// The first maximum of `row [vocab]` over the block: valid in thread 0 on return.
+// Every thread of the block must call it (it synchronises the block).
+__device__ __forceinline__ void block_row_argmax(const float* __restrict__ row, u32 vocab,
+                                                 float* best_out, u32* best_i_out) {
     __shared__ float s_val[32];
     __shared__ u32 s_idx[32];
-    const float* row = logits + static_cast<u64>(blockIdx.x) * vocab;
     float best = -INFINITY;
     u32 best_i = 0xffffffffu;
     // Unrolled: eight loads in flight per thread, not one DRAM latency per element.
@@ -71,7 +73,32 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
                 best_i = oi;
             }
         }
-        if (lane == 0) out[blockIdx.x] = best_i;
+        if (lane == 0) {
+            *best_out = best;
+            *best_i_out = best_i;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    argmax_rows_f32(const float* __restrict__ logits, u32* __restrict__ out, u32 vocab) {
+    float best;
+    u32 best_i;
+    block_row_argmax(logits + static_cast<u64>(blockIdx.x) * vocab, vocab, &best, &best_i);
+    if (threadIdx.x == 0) out[blockIdx.x] = best_i;
+}
+
+// argmax_pairs_f32 mirrors reference::argmax_pairs: per row, (max value, its first
+// index as f32) into out [n, 2] — what a vocab-parallel rank sends so rank 0 can pick
+// each row's argmax without gathering the row (exact while vocab <= 2^24).
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    argmax_pairs_f32(const float* __restrict__ logits, float* __restrict__ out, u32 vocab) {
+    float best;
+    u32 best_i;
+    block_row_argmax(logits + static_cast<u64>(blockIdx.x) * vocab, vocab, &best, &best_i);
+    if (threadIdx.x == 0) {
+        out[2 * static_cast<u64>(blockIdx.x)] = best;
+        out[2 * static_cast<u64>(blockIdx.x) + 1] = static_cast<float>(best_i);
     }
 }
 

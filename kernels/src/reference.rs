@@ -440,6 +440,16 @@ pub fn argmax_rows(logits: &[f32], vocab: usize) -> Vec<u32> {
         .collect()
 }
 
+/// Per row of `[n, vocab]`: its largest value and the first index holding it (as
+/// f32, exact while `vocab ≤ 2^24`), as `[n, 2]` — [`argmax_rows`] with the maximum.
+pub fn argmax_pairs(logits: &[f32], vocab: usize) -> Vec<f32> {
+    argmax_rows(logits, vocab)
+        .into_iter()
+        .zip(logits.chunks_exact(vocab))
+        .flat_map(|(i, r)| [r[i as usize], i as f32])
+        .collect()
+}
+
 /// Top-k pre-filter for sampling. Per row of `logits [n, vocab]`, scaled by
 /// `1 / temperatures[row]` (a temperature ≤ 0 means greedy: scale 1), writes the `k`
 /// largest scaled values in descending order (lower index first on ties; ordered by

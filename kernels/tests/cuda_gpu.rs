@@ -324,7 +324,7 @@ fn embedding_gathers_rows_exactly() {
 
 #[test]
 #[ignore = "needs a GPU: STRAL_GPU=1"]
-fn argmax_and_top_k_match_reference_exactly() {
+fn argmax_argmax_pairs_and_top_k_match_reference_exactly() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(6);
     let vocab = 32768usize;
@@ -346,6 +346,22 @@ fn argmax_and_top_k_match_reference_exactly() {
             g.stream().clone_dtoh(&am).unwrap(),
             reference::argmax_rows(&logits, vocab)
         );
+        // Pairs on a vocab-parallel shard's width too (TP 2 of Codestral's vocab).
+        for width in [vocab, vocab / 2] {
+            let shard: Vec<f32> = logits
+                .chunks_exact(vocab)
+                .flat_map(|r| r[..width].iter().copied())
+                .collect();
+            let mut pairs = g.stream().alloc_zeros::<f32>(2 * n).unwrap();
+            g.argmax_pairs(&up(g, &shard), width, &mut pairs).unwrap();
+            let got = g.stream().clone_dtoh(&pairs).unwrap();
+            let want = reference::argmax_pairs(&shard, width);
+            assert_eq!(
+                got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "argmax_pairs, width {width}, {n} rows"
+            );
+        }
 
         let temps: Vec<f32> = (0..n).map(|i| [0.0, 0.7, 1.0, 1.3][i % 4]).collect();
         for &k in &[1usize, 40, 1024] {

@@ -68,8 +68,8 @@ fn main() {
         model_name = model_label(&model)
     );
     println!("copy bandwidth {copy_gbs:.0} GB/s → weights-read roofline {roofline_ms:.2} ms; cuBLASLt bf16 GEMM {m}×{n}×{kk}: {gemm_tflops:.0} TFLOP/s; KV capacity {} tokens\n", model.kv_tokens());
-    println!("`default` = three QKV GEMMs + rope + KV write, attention buffers allocated per step; `fused` = one QKV GEMM + rope_qkv_cache (`STRAL_CUDA_FUSED_QKV=1`); `+reuse` = fused and attention buffers reused across steps (`STRAL_CUDA_REUSE_ATTN=1`). Same loaded model, timed alternately, best of 2.\n");
-    println!("| step | batch | context | ms/step (default) | × roofline | ms (fused) | ms (fused+reuse) | × roofline |\n|---|---|---|---|---|---|---|---|");
+    println!("`default` = three QKV GEMMs + rope + KV write, attention buffers allocated per step; `fused` = one QKV GEMM + rope_qkv_cache (`STRAL_CUDA_FUSED_QKV=1`); `+reuse` = fused and attention buffers reused across steps (`STRAL_CUDA_REUSE_ATTN=1`); `+argmax` = that and greedy rows' argmax on the GPU instead of `[batch, vocab]` f32 logits copied to the host (the default for greedy steps; `STRAL_BACKEND_ARGMAX=0` turns it off). Same loaded model, timed alternately, best of 2.\n");
+    println!("| step | batch | context | ms/step (default) | × roofline | ms (fused) | ms (fused+reuse) | ms (+argmax) | × roofline |\n|---|---|---|---|---|---|---|---|---|");
     for ctx in [1024usize, 8192] {
         for batch in [1usize, 8, 32, 64, 128, 256] {
             let blocks = ctx.div_ceil(BS) + 1;
@@ -91,11 +91,11 @@ fn main() {
                 })
                 .collect();
             let step = StepInput::build(BS, cfg.sliding_window, &chunks);
-            let [ms, fused, reuse] = time_variants(&mut model, &mut coll, &step, 5);
+            let [ms, fused, reuse, argmax] = time_variants(&mut model, &mut coll, &step, 5);
             println!(
-                "| decode | {batch} | {ctx} | {ms:.2} | {:.2} | {fused:.2} | {reuse:.2} | {:.2} |",
+                "| decode | {batch} | {ctx} | {ms:.2} | {:.2} | {fused:.2} | {reuse:.2} | {argmax:.2} | {:.2} |",
                 ms / roofline_ms,
-                reuse / roofline_ms
+                argmax / roofline_ms
             );
         }
     }
@@ -110,7 +110,7 @@ fn main() {
             sample: true,
         }];
         let step = StepInput::build(BS, cfg.sliding_window, &chunks);
-        let ms = time_variants(&mut model, &mut coll, &step, 3);
+        let ms: [f64; 3] = time_variants(&mut model, &mut coll, &step, 3);
         let [tps, fused, reuse] = ms.map(|m| prompt as f64 / (m / 1e3));
         let ideal = gemm_tflops * 1e12 / (2.0 * cfg.n_params() as f64);
         println!(
@@ -130,23 +130,27 @@ fn model_label(m: &CudaModel) -> String {
     )
 }
 
-/// ms per step of (default, fused QKV, fused QKV + reused attention buffers): each
-/// timed twice, alternating, best kept; the model is left on the default path.
-fn time_variants(
+/// ms per step of (default, fused QKV, fused QKV + reused attention buffers, the
+/// same + argmax on the GPU): the first `N` of them, each timed twice, alternating,
+/// best kept; the model is left on the default path.
+fn time_variants<const N: usize>(
     m: &mut CudaModel,
     c: &mut DeviceCollective,
     step: &StepInput,
     reps: usize,
-) -> [f64; 3] {
-    let mut best = [f64::MAX; 3];
+) -> [f64; N] {
+    let mut best = [f64::MAX; N];
+    let variants = [
+        (false, false, false),
+        (true, false, false),
+        (true, true, false),
+        (true, true, true),
+    ];
     for _ in 0..2 {
-        for (i, (fused, reuse)) in [(false, false), (true, false), (true, true)]
-            .into_iter()
-            .enumerate()
-        {
+        for (i, &(fused, reuse, argmax)) in variants[..N].iter().enumerate() {
             m.set_fused_qkv(fused);
             m.set_reuse_attn_buffers(reuse);
-            best[i] = best[i].min(time_ms(m, c, step, reps));
+            best[i] = best[i].min(time_ms(m, c, step, reps, argmax));
         }
     }
     m.set_fused_qkv(false);
@@ -154,11 +158,22 @@ fn time_variants(
     best
 }
 
-fn time_ms(m: &mut CudaModel, c: &mut DeviceCollective, step: &StepInput, reps: usize) -> f64 {
-    m.forward(step, c).expect("warm-up step");
+/// ms per step; `argmax`: the greedy form (`forward_argmax`, no logits to the host).
+fn time_ms(
+    m: &mut CudaModel,
+    c: &mut DeviceCollective,
+    step: &StepInput,
+    reps: usize,
+    argmax: bool,
+) -> f64 {
+    let mut run = |m: &mut CudaModel| match argmax {
+        true => drop(m.forward_argmax(step, c).expect("step")),
+        false => drop(m.forward(step, c).expect("step")),
+    };
+    run(m);
     let t = Instant::now();
     for _ in 0..reps {
-        m.forward(step, c).expect("step");
+        run(m);
     }
     t.elapsed().as_secs_f64() * 1e3 / reps as f64
 }

@@ -30,7 +30,20 @@ pub struct Step<'a> {
     pub started: Instant,
     /// Per chunk, the draft tokens at its end (speculative decoding); empty: none.
     pub drafts: Vec<usize>,
+    /// Every sampled row only needs its first argmax (greedy, no logprobs, nothing
+    /// banned): a backend may answer [`Logits::Argmax`] and skip moving logit rows.
+    pub argmax_only: bool,
     input: OnceCell<StepInput>,
+}
+
+/// What rank 0 of a computing backend returns for a step.
+#[derive(Debug)]
+pub enum Logits {
+    /// `[sampled rows, vocab]` f32 logits.
+    Rows(Vec<f32>),
+    /// The first argmax of every sampled row, in row order (an
+    /// [`argmax_only`](Step::argmax_only) step).
+    Argmax(Vec<u32>),
 }
 
 impl<'a> Step<'a> {
@@ -46,6 +59,7 @@ impl<'a> Step<'a> {
             sliding_window,
             started,
             drafts: Vec::new(),
+            argmax_only: false,
             input: OnceCell::new(),
         }
     }
@@ -54,6 +68,12 @@ impl<'a> Step<'a> {
     /// are wanted too.
     pub fn with_drafts(mut self, drafts: Vec<usize>) -> Self {
         self.drafts = drafts;
+        self
+    }
+
+    /// The same step, marked [`argmax_only`](Self::argmax_only) or not.
+    pub fn with_argmax_only(mut self, on: bool) -> Self {
+        self.argmax_only = on;
         self
     }
 
@@ -83,9 +103,11 @@ pub trait Backend: Send {
     fn validate(&self, step: &Step<'_>) -> Result<(), WorkerError>;
 
     /// Runs the forward pass of a validated step on this rank. Rank 0 of a backend
-    /// that computes returns `[sampled rows, vocab]` f32 logits; other ranks, and
-    /// backends without math (rank 0 then answers pseudo-tokens), return `None`.
-    fn forward(&mut self, step: &Step<'_>) -> Result<Option<Vec<f32>>, WorkerError>;
+    /// that computes returns the sampled rows' logits, or (only for an
+    /// [`argmax_only`](Step::argmax_only) step, and then optionally) their argmax;
+    /// other ranks, and backends without math (rank 0 then answers pseudo-tokens),
+    /// return `None`.
+    fn forward(&mut self, step: &Step<'_>) -> Result<Option<Logits>, WorkerError>;
 
     /// The `Health` detail of a ready rank on this backend.
     fn describe(&self) -> String;
@@ -109,13 +131,22 @@ impl Backend for CpuBackend {
         self.model.validate(step.input())
     }
 
-    fn forward(&mut self, step: &Step<'_>) -> Result<Option<Vec<f32>>, WorkerError> {
-        // A group of one waits on no other rank, so it may run on the pool; ranks of a
-        // larger group may share this process (and its pool), so they do not.
-        if self.coll.world_size() == 1 {
-            self.model.forward_on_pool(step.input(), self.coll.as_mut())
-        } else {
-            self.model.forward(step.input(), self.coll.as_mut())
+    fn forward(&mut self, step: &Step<'_>) -> Result<Option<Logits>, WorkerError> {
+        let (input, model, coll) = (step.input(), &mut self.model, self.coll.as_mut());
+        let (one, argmax_only) = (coll.world_size() == 1, step.argmax_only);
+        let mut run = move || -> Result<Option<Logits>, WorkerError> {
+            Ok(if argmax_only {
+                model.forward_argmax(input, coll)?.map(Logits::Argmax)
+            } else {
+                model.forward(input, coll)?.map(Logits::Rows)
+            })
+        };
+        // A group of one waits on no other rank, so it may run on the pool
+        // (`CpuModel::on_pool`); ranks of a larger group may share this process (and
+        // its pool), so they do not.
+        match one {
+            true => CpuModel::on_pool(run),
+            false => run(),
         }
     }
 
@@ -133,7 +164,7 @@ impl Backend for NullBackend {
         Ok(())
     }
 
-    fn forward(&mut self, _: &Step<'_>) -> Result<Option<Vec<f32>>, WorkerError> {
+    fn forward(&mut self, _: &Step<'_>) -> Result<Option<Logits>, WorkerError> {
         Ok(None)
     }
 

@@ -70,32 +70,43 @@ impl LocalTpGroup {
 
     /// Runs one step on every rank; returns rank 0's logits.
     pub fn forward(&mut self, step: &StepInput) -> Result<Vec<f32>, WorkerError> {
+        self.on_every_rank(|model, coll| model.forward(step, coll))
+    }
+
+    /// [`CpuModel::forward_argmax`] on every rank; returns rank 0's argmax ids.
+    pub fn forward_argmax(&mut self, step: &StepInput) -> Result<Vec<u32>, WorkerError> {
+        self.on_every_rank(|model, coll| model.forward_argmax(step, coll))
+    }
+
+    /// Runs `f` on every rank at once (threads; a single rank on the pool, see
+    /// [`CpuModel::on_pool`]); returns rank 0's answer.
+    fn on_every_rank<T: Send>(
+        &mut self,
+        f: impl Fn(&mut CpuModel, &mut dyn Collective) -> Result<Option<T>, WorkerError> + Sync,
+    ) -> Result<T, WorkerError> {
+        let none = || WorkerError::Collective("rank 0 returned nothing".into());
         if let [(model, coll)] = &mut self.ranks[..] {
-            // One rank waits on no other: it may run on the pool (`forward_on_pool`).
-            return model
-                .forward_on_pool(step, coll)?
-                .ok_or_else(|| WorkerError::Collective("rank 0 returned no logits".into()));
+            return CpuModel::on_pool(|| f(model, coll))?.ok_or_else(none);
         }
+        let f = &f;
         let results: Vec<_> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .ranks
                 .iter_mut()
-                .map(|(model, coll)| {
-                    s.spawn(move || model.forward(step, coll as &mut dyn Collective))
-                })
+                .map(|(model, coll)| s.spawn(move || f(model, coll as &mut dyn Collective)))
                 .collect();
             handles
                 .into_iter()
                 .map(|h| h.join().expect("rank thread panicked"))
                 .collect()
         });
-        let mut logits = None;
+        let mut answer = None;
         for r in results {
-            if let Some(l) = r? {
-                logits = Some(l);
+            if let Some(a) = r? {
+                answer = Some(a);
             }
         }
-        logits.ok_or_else(|| WorkerError::Collective("rank 0 returned no logits".into()))
+        answer.ok_or_else(none)
     }
 
     /// Greedy decoding of one sequence occupying blocks `0, 1, 2, …`: the prompt is

@@ -427,18 +427,14 @@ impl CpuModel {
         validate_step(&self.weights.config, self.layout, step)
     }
 
-    /// [`CpuModel::forward`] run on a thread of rayon's pool, so the parallel loops of
+    /// Runs `step` (a forward pass) on a thread of rayon's pool, so the parallel loops of
     /// its GEMVs fork with work-stealing joins instead of each one parking the caller
     /// on a latch (a futex sleep and wake per loop, from a thread outside the pool).
     /// Only for a group of one: ranks that wait on each other in collectives must not
     /// run on one pool, where a rank waiting in a join could steal another rank's step
     /// and block it under itself.
-    pub fn forward_on_pool(
-        &mut self,
-        step: &StepInput,
-        coll: &mut dyn Collective,
-    ) -> Result<Option<Vec<f32>>, WorkerError> {
-        rayon::scope(|_| self.forward(step, coll))
+    pub fn on_pool<T: Send>(step: impl FnOnce() -> T + Send) -> T {
+        rayon::scope(|_| step())
     }
 
     /// Runs one step. Returns `[logit_rows.len(), vocab]` logits on rank 0, `None`
@@ -448,6 +444,34 @@ impl CpuModel {
         step: &StepInput,
         coll: &mut dyn Collective,
     ) -> Result<Option<Vec<f32>>, WorkerError> {
+        let (local, m) = self.local_logits(step, coll)?;
+        let (tp, vocab) = (coll.world_size(), self.local.vocab);
+        let gathered = coll.gather(&local)?;
+        Ok(gathered.map(|g| reorder_logits(&g, tp, m, vocab)))
+    }
+
+    /// [`Self::forward`] for a greedy step: rank 0 gets the first argmax of every
+    /// logit row, and each rank sends 2 floats per row (its shard's maximum and where)
+    /// instead of `vocab / tp` — equal to `argmax_rows` of `forward`'s logits.
+    pub fn forward_argmax(
+        &mut self,
+        step: &StepInput,
+        coll: &mut dyn Collective,
+    ) -> Result<Option<Vec<u32>>, WorkerError> {
+        let (local, m) = self.local_logits(step, coll)?;
+        let (tp, vocab) = (coll.world_size(), self.local.vocab);
+        let pairs = kernels::reference::argmax_pairs(&local, vocab);
+        let gathered = coll.gather(&pairs)?;
+        Ok(gathered.map(|g| combine_argmax_pairs(&g, tp, m, vocab)))
+    }
+
+    /// The step's layers and this rank's `lm_head` shard: `[m, vocab / tp]` logits of
+    /// the `m` logit rows.
+    fn local_logits(
+        &mut self,
+        step: &StepInput,
+        coll: &mut dyn Collective,
+    ) -> Result<(Vec<f32>, usize), WorkerError> {
         self.validate(step)?;
         let cfg = &self.weights.config;
         let (dim, hd, eps) = (cfg.dim, cfg.head_dim, cfg.norm_eps);
@@ -511,10 +535,31 @@ impl CpuModel {
         }
         let mut local_logits = vec![0f32; m * l.vocab];
         quant::linear(&rows, &self.weights.lm_head, m, &mut local_logits);
-        let tp = coll.world_size();
-        let gathered = coll.gather(&local_logits)?;
-        Ok(gathered.map(|g| reorder_logits(&g, tp, m, l.vocab)))
+        Ok((local_logits, m))
     }
+}
+
+/// Gathered per-shard argmax pairs, `[tp][m][2]` (shard maximum, its index in the
+/// shard, from [`kernels::reference::argmax_pairs`]) → each row's first argmax over
+/// the whole vocabulary (the CPU and CUDA backends). Shard `r` holds ids
+/// `r·local_vocab..(r+1)·local_vocab`, so keeping the earliest shard among equal
+/// maxima gives the first maximum, as a scan of the whole row does. (A row holding
+/// NaN may pick another index than that scan; neither is a meaningful token.)
+pub fn combine_argmax_pairs(g: &[f32], tp: usize, m: usize, local_vocab: usize) -> Vec<u32> {
+    debug_assert_eq!(g.len(), tp * m * 2);
+    (0..m)
+        .map(|row| {
+            let pair = |r: usize| (g[(r * m + row) * 2], g[(r * m + row) * 2 + 1] as usize);
+            let (mut best, mut at) = pair(0);
+            for r in 1..tp {
+                let (v, i) = pair(r);
+                if v > best {
+                    (best, at) = (v, r * local_vocab + i);
+                }
+            }
+            at as u32
+        })
+        .collect()
 }
 
 /// Gathered vocab-parallel logits, `[tp][m][vocab/tp]` (rank-major) → `[m][vocab]`

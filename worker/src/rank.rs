@@ -27,7 +27,7 @@ use std::collections::{HashMap, HashSet};
 use proto::v1::{SampledToken, ScheduledSeq, StepPlan, TokenLogprob};
 use rayon::prelude::*;
 
-use crate::backend::{Backend, Step};
+use crate::backend::{Backend, Logits, Step};
 use crate::model::SeqChunk;
 use crate::sampler::{SamplingParams, SeqSampler};
 use crate::{sim, WorkerError};
@@ -57,6 +57,16 @@ pub struct Rank {
     seqs: HashMap<u64, SeqState>,
     /// Why this rank can no longer run steps (the group is out of step).
     failed: Option<String>,
+    /// Let the backend answer a step whose sampled rows are all greedy with their
+    /// argmax only ([`Step::argmax_only`]); `STRAL_BACKEND_ARGMAX=0` turns it off.
+    backend_argmax: bool,
+}
+
+/// Whether greedy steps may take the backend's argmax instead of logit rows: on
+/// unless `STRAL_BACKEND_ARGMAX=0` (read once per `Init`; every rank of a group must
+/// see the same value, as they share the collective's message sizes).
+pub fn backend_argmax_enabled() -> bool {
+    std::env::var("STRAL_BACKEND_ARGMAX").map_or(true, |v| v.trim() != "0")
 }
 
 /// What a worker mirrors of one sequence.
@@ -117,6 +127,7 @@ impl Rank {
             limits,
             seqs: HashMap::new(),
             failed: None,
+            backend_argmax: backend_argmax_enabled(),
         }
     }
 
@@ -200,6 +211,15 @@ impl Rank {
         } else {
             step
         };
+        // From the sampling parameters alone, which every rank holds alike.
+        let argmax_only = self.backend_argmax
+            && checked.iter().filter(|c| c.seq.sample).all(|c| {
+                c.fresh
+                    .as_ref()
+                    .unwrap_or_else(|| &self.seqs[&c.seq.seq_id].sampler)
+                    .argmax_suffices()
+            });
+        let step = step.with_argmax_only(argmax_only);
         self.backend.validate(&step)?;
         let logits = match self.backend.forward(&step) {
             Ok(l) => l,
@@ -304,10 +324,14 @@ impl Rank {
 fn sample_rows(
     seqs: &HashMap<u64, SeqState>,
     ids: &[(u64, &[u32])],
-    logits: &[f32],
+    logits: &Logits,
     vocab: usize,
 ) -> Result<Vec<SampledToken>, WorkerError> {
     let rows: usize = ids.iter().map(|(_, d)| 1 + d.len()).sum();
+    let logits = match logits {
+        Logits::Rows(l) => l,
+        Logits::Argmax(a) => return greedy_tokens(ids, a, rows),
+    };
     if logits.len() != rows * vocab {
         return Err(WorkerError::Step(format!(
             "internal: {} logits for {} sampled sequences ({rows} rows)",
@@ -342,6 +366,39 @@ fn sample_rows(
                     .map(|(token_id, logprob)| TokenLogprob { token_id, logprob })
                     .collect(),
                 accepted: out.len() as u32,
+            }
+        })
+        .collect())
+}
+
+/// [`sample_rows`] of an `argmax_only` step from each row's argmax: drafts are
+/// accepted while each equals its row's argmax, then the next row's argmax follows
+/// (what [`SeqSampler::verify`] does for a greedy sequence).
+fn greedy_tokens(
+    ids: &[(u64, &[u32])],
+    argmax: &[u32],
+    rows: usize,
+) -> Result<Vec<SampledToken>, WorkerError> {
+    if argmax.len() != rows {
+        return Err(WorkerError::Step(format!(
+            "internal: {} argmax ids for {} sampled sequences ({rows} rows)",
+            argmax.len(),
+            ids.len()
+        )));
+    }
+    let mut at = 0;
+    Ok(ids
+        .iter()
+        .map(|&(id, drafts)| {
+            let row = &argmax[at..at + 1 + drafts.len()];
+            at += row.len();
+            let accepted = drafts.iter().zip(row).take_while(|(d, a)| d == a).count();
+            SampledToken {
+                seq_id: id,
+                token_id: row[accepted],
+                logprob: None,
+                top_logprobs: Vec::new(),
+                accepted: accepted as u32,
             }
         })
         .collect())
@@ -473,4 +530,57 @@ fn check_plan<'a, 'p: 'a>(
         out.push(checked);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Greedy verification from argmax ids gives what the sampler gives from the rows.
+    #[test]
+    fn greedy_tokens_from_argmax_equal_the_samplers_verification_of_the_rows() {
+        let vocab = 64;
+        let sampler = SeqSampler::new(SamplingParams::default(), vocab).unwrap();
+        assert!(sampler.argmax_suffices());
+        let mut state = 7u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        for case in 0..200 {
+            let k = (case % 6) as usize;
+            let rows: Vec<f32> = (0..(k + 1) * vocab).map(|_| (next() % 97) as f32).collect();
+            let argmax = kernels::reference::argmax_rows(&rows, vocab);
+            // Drafts: the argmax for a random prefix, then (maybe) a wrong token.
+            let agree = next() as usize % (k + 1);
+            let drafts: Vec<u32> = (0..k)
+                .map(|i| match i < agree {
+                    true => argmax[i],
+                    false => (argmax[i] + 1 + next() % (vocab as u32 - 1)) % vocab as u32,
+                })
+                .collect();
+            let want = sampler.clone().verify(&rows, &drafts);
+            let got = greedy_tokens(&[(1, &drafts)], &argmax, k + 1).unwrap();
+            assert_eq!(got[0].accepted as usize, want.len() - 1, "case {case}");
+            assert_eq!(got[0].token_id, want.last().unwrap().token, "case {case}");
+        }
+        assert!(greedy_tokens(&[(1, &[])], &[1, 2], 1).is_err());
+    }
+
+    #[test]
+    fn only_plain_greedy_sequences_may_take_the_argmax() {
+        let p = |f: fn(&mut SamplingParams)| {
+            let mut p = SamplingParams::default();
+            f(&mut p);
+            SeqSampler::new(p, 64).unwrap().argmax_suffices()
+        };
+        assert!(p(|_| {}));
+        assert!(p(|p| (p.temperature, p.top_k) = (0.8, 1)));
+        assert!(!p(|p| p.temperature = 0.8));
+        assert!(!p(|p| p.logprobs = Some(0)));
+        assert!(!p(|p| p.min_tokens = 3));
+        assert!(p(|p| (p.min_tokens, p.generated_before) = (3, 3)));
+    }
 }

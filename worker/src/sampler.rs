@@ -233,6 +233,15 @@ impl SeqSampler {
         out
     }
 
+    /// Whether every token of this sequence is its row's first argmax: greedy, no
+    /// logprobs, and no stop id ever banned by `min_tokens`. Decided from the
+    /// parameters alone (not the generated count, which only rank 0 keeps exactly
+    /// under speculation), so every rank of a group decides alike.
+    pub fn argmax_suffices(&self) -> bool {
+        let p = &self.params;
+        self.greedy() && p.logprobs.is_none() && p.min_tokens <= p.generated_before
+    }
+
     fn greedy(&self) -> bool {
         self.params.temperature == 0.0 || self.params.top_k == 1
     }

@@ -331,6 +331,75 @@ fn nccl_with_world_size_one_runs_the_model() {
     assert!(a == b, "NCCL world size 1 must be the identity");
 }
 
+/// Greedy steps (`forward_argmax`: the argmax found on the GPU, per shard, 2 floats
+/// per row moved) against the argmax of the logits `forward` returns, at TP 1 and
+/// host-staged TP 2, teacher-forced: the argmax may differ from the TP 1 logits'
+/// only at their near-ties (as in [`compare`]; TP 1 runs both forms of each step on
+/// one model, so any difference there is a kernel rounding differently between two
+/// runs of a step, and the count is printed).
+#[test]
+#[ignore = "needs a GPU: STRAL_GPU=1"]
+fn greedy_steps_take_the_argmax_of_the_logits_at_tp_1_and_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = std::sync::Arc::new(tiny(dir.path()));
+    let vocab = ckpt.config.vocab_size;
+    let mut m = cuda_model(&ckpt, ShardSpec::default());
+    let mut solo = DeviceCollective::solo();
+    let mut tp1_argmax = Vec::new();
+    let want = teacher_forced(
+        |s| {
+            let l = m.forward(s, &mut solo).unwrap();
+            tp1_argmax.extend(m.forward_argmax(s, &mut solo).unwrap().unwrap());
+            l
+        },
+        vocab,
+    );
+    drop(m);
+    let near_tie = |what: &str, ids: &[u32]| {
+        assert_eq!(ids.len(), want.len(), "{what}: one id per position");
+        let mut same = 0;
+        for (pos, (w, &id)) in want.iter().zip(ids).enumerate() {
+            let best = argmax(w);
+            let tol = LOGIT_TOL_ABS + LOGIT_TOL_REL * w.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(
+                w[id as usize] >= w[best] - tol,
+                "{what}: position {pos}: argmax {id} vs {best} is no near-tie"
+            );
+            same += usize::from(id as usize == best);
+        }
+        eprintln!(
+            "{what}: argmax equals the logits' at {same} of {} positions",
+            ids.len()
+        );
+        same
+    };
+    let same = near_tie("TP 1", &tp1_argmax);
+    assert!(same as f64 >= MIN_TOP1 * want.len() as f64);
+    let handles: Vec<_> = LocalCollective::group(2)
+        .into_iter()
+        .enumerate()
+        .map(|(rank, c)| {
+            let ckpt = ckpt.clone();
+            std::thread::spawn(move || {
+                let mut m = cuda_model(&ckpt, ShardSpec { tp: 2, rank });
+                let mut coll = DeviceCollective::Host(Box::new(c));
+                let mut ids = Vec::new();
+                teacher_forced(
+                    |s| {
+                        ids.extend(m.forward_argmax(s, &mut coll).unwrap().unwrap_or_default());
+                        Some(vec![0.0; s.logit_rows.len() * vocab])
+                    },
+                    vocab,
+                );
+                ids
+            })
+        })
+        .collect();
+    let ids = handles.into_iter().next().unwrap().join().unwrap();
+    let same = near_tie("host-staged TP 2", &ids);
+    assert!(same as f64 >= MIN_TOP1 * want.len() as f64);
+}
+
 /// One short forward (a 17-token prefill and one decode step) for
 /// `compute-sanitizer --tool memcheck` (device-run.sh runs this test alone under it).
 #[test]

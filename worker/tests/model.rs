@@ -474,3 +474,88 @@ fn steps_the_cache_cannot_hold_are_rejected_not_executed() {
     );
     assert_eq!(g.forward(&ok).unwrap().len(), 1024);
 }
+
+#[test]
+fn greedy_argmax_steps_equal_the_argmax_of_the_gathered_logits_at_tp_1_2_and_4() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = small_config(None);
+    let ck = synth(
+        tmp.path(),
+        cfg.clone(),
+        CheckpointFormat::Hf,
+        StoredDtype::F32,
+        4,
+    );
+    let (pa, pb, pc) = (
+        prompt(30, cfg.vocab_size),
+        prompt(9, cfg.vocab_size)[2..].to_vec(),
+        prompt(50, cfg.vocab_size)[40..].to_vec(),
+    );
+    let (ta, tb, tc) = (vec![0u32, 1], vec![2u32], vec![3u32, 4]);
+    let chunks = [
+        SeqChunk {
+            block_table: &ta,
+            cached: 0,
+            tokens: &pa,
+            sample: true,
+        },
+        SeqChunk {
+            block_table: &tb,
+            cached: 0,
+            tokens: &pb,
+            sample: false,
+        },
+        SeqChunk {
+            block_table: &tc,
+            cached: 0,
+            tokens: &pc,
+            sample: true,
+        },
+    ];
+    // A's last 4 tokens are "drafts": 5 logit rows, then C's 1 (and B's none).
+    let step = StepInput::build_speculative(16, None, &chunks, &[4, 0, 0]);
+    assert_eq!(step.logit_rows.len(), 6);
+    for tp in [1, 2, 4] {
+        let mut g = LocalTpGroup::load(&ck, tp, 8, 16).unwrap();
+        let logits = g.forward(&step).unwrap();
+        let want = kernels::reference::argmax_rows(&logits, cfg.vocab_size);
+        // The same step again writes the same KV; only the answer's form differs.
+        assert_eq!(g.forward_argmax(&step).unwrap(), want, "TP {tp}");
+    }
+}
+
+#[test]
+fn combined_shard_argmax_pairs_are_the_first_maximum_of_the_whole_row() {
+    use kernels::reference::{argmax_pairs, argmax_rows};
+    let (m, vocab) = (7usize, 48usize);
+    let mut rows: Vec<f32> = (0..m * vocab)
+        .map(|i| ((i * 2654435761) % 1000) as f32 / 100.0)
+        .collect();
+    // Ties: row 1's maximum twice in one shard's range, row 2's in the last and first
+    // shard, row 3 all equal, row 4 a maximum at the last id.
+    rows[vocab + 20] = 50.0;
+    rows[vocab + 21] = 50.0;
+    rows[2 * vocab + 47] = 60.0;
+    rows[2 * vocab + 3] = 60.0;
+    rows[3 * vocab..4 * vocab].fill(1.5);
+    rows[4 * vocab + 47] = 70.0;
+    let want = argmax_rows(&rows, vocab);
+    for tp in [1usize, 2, 3, 4, 6] {
+        let local = vocab / tp;
+        // Rank-major, as the gather delivers it: [tp][m][2].
+        let gathered: Vec<f32> = (0..tp)
+            .flat_map(|r| {
+                let shard: Vec<f32> = rows
+                    .chunks_exact(vocab)
+                    .flat_map(|row| row[r * local..(r + 1) * local].to_vec())
+                    .collect();
+                argmax_pairs(&shard, local)
+            })
+            .collect();
+        assert_eq!(
+            worker::model::combine_argmax_pairs(&gathered, tp, m, local),
+            want,
+            "TP {tp}"
+        );
+    }
+}

@@ -43,6 +43,7 @@ pub enum Kernel {
     SwiGlu,
     Embedding,
     ArgmaxRows,
+    ArgmaxPairs,
     TopKRows,
     AttentionD128W1,
     AttentionD128W4,
@@ -54,7 +55,7 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 16] = [
+    pub const ALL: [Kernel; 17] = [
         Kernel::RmsNorm,
         Kernel::FusedAddRmsNorm,
         Kernel::Rope,
@@ -63,6 +64,7 @@ impl Kernel {
         Kernel::SwiGlu,
         Kernel::Embedding,
         Kernel::ArgmaxRows,
+        Kernel::ArgmaxPairs,
         Kernel::TopKRows,
         Kernel::AttentionD128W1,
         Kernel::AttentionD128W4,
@@ -84,6 +86,7 @@ impl Kernel {
             Kernel::SwiGlu => "swiglu_bf16",
             Kernel::Embedding => "embedding_bf16",
             Kernel::ArgmaxRows => "argmax_rows_f32",
+            Kernel::ArgmaxPairs => "argmax_pairs_f32",
             Kernel::TopKRows => "top_k_rows_f32",
             Kernel::AttentionD128W1 => "paged_attention_d128_w1",
             Kernel::AttentionD128W4 => "paged_attention_d128_w4",

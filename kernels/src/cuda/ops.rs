@@ -428,6 +428,40 @@ impl CudaKernels {
         Ok(())
     }
 
+    /// Per row of `[n, vocab]`, the largest logit and its first index (as f32) into
+    /// `out [n, 2]` (see [`crate::reference::argmax_pairs`]): what a vocab-parallel rank
+    /// contributes to a greedy step instead of its logit rows. `vocab ≤ 2^24`.
+    pub fn argmax_pairs(
+        &self,
+        logits: &impl DevicePtr<f32>,
+        vocab: usize,
+        out: &mut impl DevicePtrMut<f32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "argmax_pairs";
+        let n = out.len() / 2;
+        expect_len(OP, "out (2 per row)", out.len(), 2 * n)?;
+        expect_len(OP, "logits", logits.len(), n * vocab)?;
+        if vocab > 1 << 24 {
+            return Err(KernelError::Shape {
+                op: OP,
+                detail: format!("vocab {vocab} > 2^24 does not fit an f32 index exactly"),
+            });
+        }
+        if n == 0 || vocab == 0 {
+            return Ok(());
+        }
+        let (lp, op) = (self.ptr(logits), self.ptr_mut(out));
+        let vocab = vocab as u32;
+        let mut launch = self
+            .stream
+            .launch_builder(self.function(Kernel::ArgmaxPairs));
+        launch.arg(&lp).arg(&op).arg(&vocab);
+        // SAFETY: argument types match `argmax_pairs_f32`; logits hold n·vocab f32 and
+        // out 2·n f32. One block per row.
+        unsafe { launch.launch(grid(n, SAMPLE_THREADS)) }?;
+        Ok(())
+    }
+
     /// Top-k pre-filter for sampling (see [`crate::reference::top_k_rows`]): per row of
     /// `logits [n, vocab]` scaled by `1/temperatures[row]` (≤ 0: scale 1), the `k`
     /// largest values in descending order and their ids into `values, indices [n, k]`,

@@ -20,7 +20,7 @@ use proto::v1::InitRequest;
 
 use super::{kernel_err, kv_bytes_per_block, synthetic_config, CudaDevice, DeviceCollective};
 use super::{CudaModel, CudaModelConfig, WeightSource};
-use crate::backend::{Backend, InitShape, Opened, Step};
+use crate::backend::{Backend, InitShape, Logits, Opened, Step};
 use crate::checkpoint::Checkpoint;
 use crate::model::ShardSpec;
 use crate::tcp_collective::{TcpCollective, TcpGroup};
@@ -44,8 +44,13 @@ impl Backend for CudaBackend {
         self.model.validate(step.input())
     }
 
-    fn forward(&mut self, step: &Step<'_>) -> Result<Option<Vec<f32>>, WorkerError> {
-        self.model.forward(step.input(), &mut self.coll)
+    fn forward(&mut self, step: &Step<'_>) -> Result<Option<Logits>, WorkerError> {
+        let (input, coll) = (step.input(), &mut self.coll);
+        Ok(if step.argmax_only {
+            self.model.forward_argmax(input, coll)?.map(Logits::Argmax)
+        } else {
+            self.model.forward(input, coll)?.map(Logits::Rows)
+        })
     }
 
     fn describe(&self) -> String {

@@ -36,9 +36,10 @@ use kernels::reference::KvLayout;
 use super::collective::DeviceCollective;
 use super::gemm::Gemm;
 use super::{driver_err, kernel_err, kv_blocks_for, kv_bytes_per_block, MemoryProfile};
+use crate::backend::Logits;
 use crate::checkpoint::{Checkpoint, Param};
 use crate::config::ModelConfig;
-use crate::model::reorder_logits;
+use crate::model::{combine_argmax_pairs, reorder_logits};
 use crate::model::{pack_layer, validate_step, Local, SeqChunk, ShardSpec, StepInput};
 use crate::WorkerError;
 
@@ -114,6 +115,8 @@ struct Scratch {
     rows: CudaSlice<u32>,
     selected: CudaSlice<bf16>,
     logits: CudaSlice<f32>,
+    /// `[m, 2]`: per logit row, this rank's shard maximum and where (greedy steps).
+    argmax_pairs: CudaSlice<f32>,
 }
 
 fn upload(
@@ -332,7 +335,12 @@ impl CudaModel {
         let step = StepInput::build(bs, self.cfg.sliding_window, &chunks);
         let mut peak_free = u64::MAX;
         let started = Instant::now();
-        self.run(&step, &mut DeviceCollective::solo(), Some(&mut peak_free))?;
+        self.run(
+            &step,
+            &mut DeviceCollective::solo(),
+            Some(&mut peak_free),
+            false,
+        )?;
         let ctx = self.kernels.context().clone();
         let (_, total) = ctx
             .mem_get_info()
@@ -458,6 +466,32 @@ impl CudaModel {
         step: &StepInput,
         coll: &mut DeviceCollective,
     ) -> Result<Option<Vec<f32>>, WorkerError> {
+        Ok(self.step(step, coll, false)?.map(|l| match l {
+            Logits::Rows(rows) => rows,
+            Logits::Argmax(_) => unreachable!("a full step returns rows"),
+        }))
+    }
+
+    /// [`Self::forward`] for a greedy step: the first argmax of every logit row on
+    /// rank 0, found on the GPU; each rank moves 2 floats per row instead of its
+    /// `vocab / tp` logits (no `[m, vocab]` copy to the host).
+    pub fn forward_argmax(
+        &mut self,
+        step: &StepInput,
+        coll: &mut DeviceCollective,
+    ) -> Result<Option<Vec<u32>>, WorkerError> {
+        Ok(self.step(step, coll, true)?.map(|l| match l {
+            Logits::Argmax(ids) => ids,
+            Logits::Rows(_) => unreachable!("a greedy step returns argmax ids"),
+        }))
+    }
+
+    fn step(
+        &mut self,
+        step: &StepInput,
+        coll: &mut DeviceCollective,
+        argmax_only: bool,
+    ) -> Result<Option<Logits>, WorkerError> {
         self.validate(step)?;
         // `stral worker` runs steps on its runtime thread, not the thread that loaded
         // the model; raw cuBLASLt and NCCL calls need the context current here.
@@ -465,18 +499,20 @@ impl CudaModel {
             .context()
             .bind_to_thread()
             .map_err(driver_err("binding the CUDA context to the step thread"))?;
-        self.run(step, coll, None)
+        self.run(step, coll, None, argmax_only)
     }
 
     /// The forward pass: upload the step, plan attention once, embed, then per layer
     /// an attention and an MLP block, then the sampled rows' logits. With
-    /// `peak_free`, records the free memory at the peak (the profiling step).
+    /// `peak_free`, records the free memory at the peak (the profiling step); with
+    /// `argmax_only`, rank 0 gets the rows' argmax instead of their logits.
     fn run(
         &mut self,
         step: &StepInput,
         coll: &mut DeviceCollective,
         peak_free: Option<&mut u64>,
-    ) -> Result<Option<Vec<f32>>, WorkerError> {
+        argmax_only: bool,
+    ) -> Result<Option<Logits>, WorkerError> {
         let mut pass = Pass {
             k: &self.kernels,
             gemm: &mut self.gemm,
@@ -513,7 +549,7 @@ impl CudaModel {
             let next_norm = w.layers.get(i + 1).map_or(&w.norm, |nl| &nl.attn_norm);
             pass.mlp(lw, next_norm, coll)?;
         }
-        let logits = pass.logits(w, step.logit_rows.len(), coll);
+        let logits = pass.logits(w, step.logit_rows.len(), coll, argmax_only);
         if self.sizing.reuse_attn_buffers {
             self.plan_bufs = Some(plan.into_buffers());
         }
@@ -770,18 +806,24 @@ impl Pass<'_> {
     }
 
     /// The `m` logit rows of `normed` through `lm_head`, gathered to rank 0 as
-    /// `[m][vocab]` f32; `None` on other ranks.
+    /// `[m][vocab]` f32, or with `argmax_only` as each row's first argmax (reduced on
+    /// the GPU per shard, combined on the host); `None` on other ranks.
     fn logits(
         &mut self,
         w: &DeviceWeights,
         m: usize,
         coll: &mut DeviceCollective,
-    ) -> Result<Option<Vec<f32>>, WorkerError> {
+        argmax_only: bool,
+    ) -> Result<Option<Logits>, WorkerError> {
         let (n, (dim, _, _), vocab, s) = (self.n, self.dims(), self.l.vocab, &mut *self.s);
         let ke = kernel_err("forward");
         if m == 0 {
             self.k.synchronize().map_err(&ke)?;
-            return Ok((coll.rank() == 0).then(Vec::new));
+            let empty = match argmax_only {
+                true => Logits::Argmax(Vec::new()),
+                false => Logits::Rows(Vec::new()),
+            };
+            return Ok((coll.rank() == 0).then_some(empty));
         }
         // Row gather: the embedding kernel with `normed` as the table.
         self.k
@@ -801,8 +843,19 @@ impl Pass<'_> {
             &mut s.logits.slice_mut(0..m * vocab),
         )?;
         let tp = coll.world_size();
+        if argmax_only {
+            self.k
+                .argmax_pairs(
+                    &s.logits.slice(0..m * vocab),
+                    vocab,
+                    &mut s.argmax_pairs.slice_mut(0..2 * m),
+                )
+                .map_err(&ke)?;
+            let gathered = coll.gather_f32(&self.stream, &s.argmax_pairs.slice(0..2 * m))?;
+            return Ok(gathered.map(|g| Logits::Argmax(combine_argmax_pairs(&g, tp, m, vocab))));
+        }
         let gathered = coll.gather_f32(&self.stream, &s.logits.slice(0..m * vocab))?;
-        Ok(gathered.map(|g| reorder_logits(&g, tp, m, vocab)))
+        Ok(gathered.map(|g| Logits::Rows(reorder_logits(&g, tp, m, vocab))))
     }
 }
 
@@ -834,6 +887,9 @@ fn alloc_scratch(
         logits: stream
             .alloc_zeros::<f32>(m * l.vocab)
             .map_err(driver_err("allocating the logits buffer"))?,
+        argmax_pairs: stream
+            .alloc_zeros::<f32>(2 * m)
+            .map_err(driver_err("allocating the argmax buffer"))?,
     })
 }
 

@@ -25,7 +25,7 @@ pub use step_time::{SeqWork, SimWeights, StepBreakdown, StepTimeModel};
 
 use proto::v1::InitRequest;
 
-use crate::backend::{Backend, InitShape, Opened, Step};
+use crate::backend::{Backend, InitShape, Logits, Opened, Step};
 use crate::config::ModelConfig;
 use crate::WorkerError;
 
@@ -119,7 +119,7 @@ impl Backend for SimBackend {
         Ok(())
     }
 
-    fn forward(&mut self, step: &Step<'_>) -> Result<Option<Vec<f32>>, WorkerError> {
+    fn forward(&mut self, step: &Step<'_>) -> Result<Option<Logits>, WorkerError> {
         let work: Vec<SeqWork> = step
             .chunks
             .iter()

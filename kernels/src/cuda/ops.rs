@@ -417,15 +417,8 @@ impl CudaKernels {
             return Ok(());
         }
         let (lp, op) = (self.ptr(logits), self.ptr_mut(out));
-        let vocab = vocab as u32;
-        let mut launch = self
-            .stream
-            .launch_builder(self.function(Kernel::ArgmaxRows));
-        launch.arg(&lp).arg(&op).arg(&vocab);
-        // SAFETY: argument types match `argmax_rows_f32`; logits hold n·vocab f32 and
-        // out n u32. One block per row.
-        unsafe { launch.launch(grid(n, SAMPLE_THREADS)) }?;
-        Ok(())
+        // SAFETY: logits hold n·vocab f32 and out n u32 (checked above).
+        unsafe { self.launch_row_argmax(Kernel::ArgmaxRows, lp, op, n, vocab) }
     }
 
     /// Per row of `[n, vocab]`, the largest logit and its first index (as f32) into
@@ -451,13 +444,28 @@ impl CudaKernels {
             return Ok(());
         }
         let (lp, op) = (self.ptr(logits), self.ptr_mut(out));
+        // SAFETY: logits hold n·vocab f32 and out 2·n f32 (checked above).
+        unsafe { self.launch_row_argmax(Kernel::ArgmaxPairs, lp, op, n, vocab) }
+    }
+
+    /// The launch both argmax kernels share: `(logits, out, vocab)`, one block of
+    /// `SAMPLE_THREADS` per row.
+    ///
+    /// # Safety
+    /// `kernel` takes `(const float*, T*, unsigned)`; `logits` holds `n·vocab` f32 and
+    /// `out` what the kernel writes for `n` rows.
+    unsafe fn launch_row_argmax(
+        &self,
+        kernel: Kernel,
+        logits: u64,
+        out: u64,
+        n: usize,
+        vocab: usize,
+    ) -> Result<(), KernelError> {
         let vocab = vocab as u32;
-        let mut launch = self
-            .stream
-            .launch_builder(self.function(Kernel::ArgmaxPairs));
-        launch.arg(&lp).arg(&op).arg(&vocab);
-        // SAFETY: argument types match `argmax_pairs_f32`; logits hold n·vocab f32 and
-        // out 2·n f32. One block per row.
+        let mut launch = self.stream.launch_builder(self.function(kernel));
+        launch.arg(&logits).arg(&out).arg(&vocab);
+        // SAFETY: the caller's contract above.
         unsafe { launch.launch(grid(n, SAMPLE_THREADS)) }?;
         Ok(())
     }

@@ -74,14 +74,9 @@ fn random_bf16(
     seed: u64,
 ) -> Result<CudaSlice<bf16>> {
     let pattern_len = n.min(8 << 20);
-    let mut s = seed;
-    let pattern: Vec<bf16> = (0..pattern_len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-        })
+    let pattern: Vec<bf16> = kernels::testdata::uniform_pm1(pattern_len, seed)
+        .into_iter()
+        .map(bf16::from_f32)
         .collect();
     let src = stream.clone_htod(&pattern)?;
     let mut dst = unsafe_alloc(stream, n)?;

@@ -7,25 +7,14 @@
 use std::time::Instant;
 
 use kernels::quant::{linear, QMatrix, WeightDtype};
-
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005) | 1;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+use kernels::testdata::uniform_pm1;
 
 fn main() {
     println!("| shape [out, in] | dtype | MiB | µs / GEMV | GB/s | × f32 |");
     println!("|---|---|---|---|---|---|");
     for (out_f, in_f) in [(32768, 512), (1536, 512), (6144, 6144)] {
-        let x = rand_vec(in_f, 1);
-        let w = rand_vec(out_f * in_f, 2);
+        let x = uniform_pm1(in_f, 1);
+        let w = uniform_pm1(out_f * in_f, 2);
         let mut f32_us = 0.0;
         for dtype in [
             WeightDtype::F32,

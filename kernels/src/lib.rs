@@ -21,6 +21,7 @@
 pub mod cuda;
 pub mod quant;
 pub mod reference;
+pub mod testdata;
 
 /// Errors raised by kernel set-up and launches.
 #[derive(Debug, thiserror::Error)]

@@ -590,19 +590,7 @@ mod avx2 {
 mod tests {
     use super::*;
 
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testdata::uniform_pm1 as rand_vec;
 
     /// Max |a-b| relative to max |b|.
     fn rel_err(a: &[f32], b: &[f32]) -> f32 {

@@ -95,6 +95,31 @@ fn schedule() -> Vec<(usize, usize)> {
     s
 }
 
+/// Runs `run` on both ranks of a host-staged TP 2 group on one GPU (a thread per
+/// rank, the same steps on each: teacher forcing needs no token exchange) and returns
+/// rank 0's result.
+fn host_staged_tp2<T: Send + 'static>(
+    ckpt: &std::sync::Arc<Checkpoint>,
+    run: impl Fn(&mut CudaModel, &mut DeviceCollective) -> T + Send + Clone + 'static,
+) -> T {
+    let handles: Vec<_> = LocalCollective::group(2)
+        .into_iter()
+        .enumerate()
+        .map(|(rank, c)| {
+            let (ckpt, run) = (ckpt.clone(), run.clone());
+            std::thread::spawn(move || {
+                let mut m = cuda_model(&ckpt, ShardSpec { tp: 2, rank });
+                let mut coll = DeviceCollective::Host(Box::new(c));
+                run(&mut m, &mut coll)
+            })
+        })
+        .collect();
+    let mut results = handles.into_iter().map(|h| h.join().unwrap());
+    let rank0 = results.next().unwrap();
+    results.for_each(drop);
+    rank0
+}
+
 /// Feeds two teacher sequences through `step` on [`schedule`], asking for logits at
 /// every row; returns them position by position (`[positions][vocab]`, rank 0).
 fn teacher_forced(
@@ -293,25 +318,15 @@ fn host_staged_tp2_on_one_gpu_equals_tp1_teacher_forced() {
     drop(tp1);
     // Both ranks run the same steps (teacher forcing needs no token exchange); only
     // rank 0 returns logits, the other hands back empty rows that are dropped.
-    let handles: Vec<_> = LocalCollective::group(2)
-        .into_iter()
-        .enumerate()
-        .map(|(rank, c)| {
-            let ckpt = ckpt.clone();
-            std::thread::spawn(move || {
-                let mut m = cuda_model(&ckpt, ShardSpec { tp: 2, rank });
-                let mut coll = DeviceCollective::Host(Box::new(c));
-                teacher_forced(
-                    |s| {
-                        let l = m.forward(s, &mut coll).unwrap();
-                        Some(l.unwrap_or_else(|| vec![0.0; s.logit_rows.len() * vocab]))
-                    },
-                    vocab,
-                )
-            })
-        })
-        .collect();
-    let got = handles.into_iter().next().unwrap().join().unwrap();
+    let got = host_staged_tp2(&ckpt, move |m, coll| {
+        teacher_forced(
+            |s| {
+                let l = m.forward(s, coll).unwrap();
+                Some(l.unwrap_or_else(|| vec![0.0; s.logit_rows.len() * vocab]))
+            },
+            vocab,
+        )
+    });
     compare("host-staged TP=2 vs TP=1", &want, &got);
 }
 
@@ -375,27 +390,17 @@ fn greedy_steps_take_the_argmax_of_the_logits_at_tp_1_and_2() {
     };
     let same = near_tie("TP 1", &tp1_argmax);
     assert!(same as f64 >= MIN_TOP1 * want.len() as f64);
-    let handles: Vec<_> = LocalCollective::group(2)
-        .into_iter()
-        .enumerate()
-        .map(|(rank, c)| {
-            let ckpt = ckpt.clone();
-            std::thread::spawn(move || {
-                let mut m = cuda_model(&ckpt, ShardSpec { tp: 2, rank });
-                let mut coll = DeviceCollective::Host(Box::new(c));
-                let mut ids = Vec::new();
-                teacher_forced(
-                    |s| {
-                        ids.extend(m.forward_argmax(s, &mut coll).unwrap().unwrap_or_default());
-                        Some(vec![0.0; s.logit_rows.len() * vocab])
-                    },
-                    vocab,
-                );
-                ids
-            })
-        })
-        .collect();
-    let ids = handles.into_iter().next().unwrap().join().unwrap();
+    let ids = host_staged_tp2(&ckpt, move |m, coll| {
+        let mut ids = Vec::new();
+        teacher_forced(
+            |s| {
+                ids.extend(m.forward_argmax(s, coll).unwrap().unwrap_or_default());
+                Some(vec![0.0; s.logit_rows.len() * vocab])
+            },
+            vocab,
+        );
+        ids
+    });
     let same = near_tie("host-staged TP 2", &ids);
     assert!(same as f64 >= MIN_TOP1 * want.len() as f64);
 }

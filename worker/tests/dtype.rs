@@ -18,8 +18,10 @@
 //!
 //! The bounds below leave about 3× margin over that (2.5× for the prefill maxima).
 
+mod checkpoints;
 mod logit_agreement;
 
+use checkpoints::{small_config, synth};
 use kernels::quant::WeightDtype;
 use logit_agreement::{compare, teacher_forced, teacher_forced_decode, tokens, Bounds};
 use worker::checkpoint::Checkpoint;
@@ -30,28 +32,14 @@ use worker::{CheckpointFormat, ModelConfig};
 #[test]
 fn bf16_int8_and_q8_0_weights_give_the_f32_logits_within_their_rounding() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = ModelConfig {
-        n_layers: 2,
-        dim: 128,
-        n_heads: 8,
-        n_kv_heads: 4,
-        head_dim: 16,
-        hidden_dim: 256,
-        vocab_size: 1024,
-        ..ModelConfig::tiny()
-    };
-    synthesize(
-        &SynthOptions {
-            config: cfg.clone(),
-            format: CheckpointFormat::Mistral,
-            dtype: StoredDtype::F32,
-            seed: 5,
-            progress: false,
-        },
+    let cfg = small_config(None);
+    let ck = synth(
         tmp.path(),
-    )
-    .unwrap();
-    let ck = Checkpoint::open(tmp.path()).unwrap();
+        cfg.clone(),
+        CheckpointFormat::Mistral,
+        StoredDtype::F32,
+        5,
+    );
     let tokens = tokens(cfg.vocab_size);
     // Prefill runs the dequantize-then-GEMM path (weight rounding only); decode the
     // GEMVs (weight and, for int8 and Q8_0, activation rounding).

@@ -197,6 +197,16 @@ fn write(dir: &std::path::Path, w: &Writer) -> std::path::PathBuf {
     path
 }
 
+/// A GGUF checkpoint of `cfg` stored as `ty` and its f32 safetensors twin, opened,
+/// with the folders that hold them.
+fn gguf_and_twin(cfg: &ModelConfig, ty: u32) -> (Checkpoint, Checkpoint, [tempfile::TempDir; 2]) {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    write(dirs[0].path(), &model_writer(cfg, ty));
+    let g = Checkpoint::open(dirs[0].path()).unwrap();
+    let s = safetensors_twin(dirs[1].path(), cfg);
+    (g, s, dirs)
+}
+
 fn safetensors_twin(dir: &std::path::Path, cfg: &ModelConfig) -> Checkpoint {
     synthesize(
         &SynthOptions {
@@ -246,11 +256,7 @@ fn slices(g: &Checkpoint, s: &Checkpoint) -> Vec<(String, Vec<f32>, Vec<f32>)> {
 #[test]
 fn f32_gguf_weights_equal_the_safetensors_checkpoint_at_tp_1_and_2() {
     let cfg = config();
-    let dir = tempfile::tempdir().unwrap();
-    let st = tempfile::tempdir().unwrap();
-    write(dir.path(), &model_writer(&cfg, F32));
-    let g = Checkpoint::open(dir.path()).unwrap();
-    let s = safetensors_twin(st.path(), &cfg);
+    let (g, s, _dirs) = gguf_and_twin(&cfg, F32);
     for (what, a, b) in slices(&g, &s) {
         assert_eq!(a, b, "{what}");
     }
@@ -473,11 +479,7 @@ fn every_type_decodes_to_gguf_py_dequantize() {
 #[test]
 fn the_cpu_model_on_the_f32_gguf_gives_the_safetensors_logits() {
     let cfg = config();
-    let dir = tempfile::tempdir().unwrap();
-    let st = tempfile::tempdir().unwrap();
-    write(dir.path(), &model_writer(&cfg, F32));
-    let g = Checkpoint::open(dir.path()).unwrap();
-    let s = safetensors_twin(st.path(), &cfg);
+    let (g, s, _dirs) = gguf_and_twin(&cfg, F32);
     assert_eq!(g.format, worker::checkpoint::Layout::Gguf);
     let prompt: Vec<u32> = (0..19).map(|i| (i * 7919 + 13) % 1024).collect();
     for tp in [1, 2] {
@@ -567,11 +569,7 @@ fn served(cfg: &ModelConfig, w: &RankWeights) -> Vec<(String, QMatrix, Vec<f32>)
 #[test]
 fn auto_serves_a_q8_0_gguf_as_its_stored_blocks_and_q8_0_at_load_quantizes_to_the_same() {
     let cfg = config();
-    let dir = tempfile::tempdir().unwrap();
-    let st = tempfile::tempdir().unwrap();
-    write(dir.path(), &model_writer(&cfg, Q8_0));
-    let g = Checkpoint::open(dir.path()).unwrap();
-    let s = safetensors_twin(st.path(), &cfg);
+    let (g, s, _dirs) = gguf_and_twin(&cfg, Q8_0);
     for (ck, format, what) in [
         (&g, WeightFormat::AsStored, "Q8_0 GGUF, auto"),
         (

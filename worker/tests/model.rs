@@ -1,48 +1,14 @@
 //! The CPU reference model end to end: synthetic checkpoints in both layouts, the
 //! loader, tensor parallelism, chunked prefill and mixed batches, and bad inputs.
 
+mod checkpoints;
+
+use checkpoints::{small_config, synth};
 use worker::checkpoint::Checkpoint;
 use worker::local::LocalTpGroup;
 use worker::model::{SeqChunk, StepInput};
 use worker::safetensors_io::StoredDtype;
-use worker::synth::{synthesize, SynthOptions};
 use worker::{CheckpointFormat, ModelConfig};
-
-/// Small but shaped like the real thing: GQA ratio 2, splits at TP = 1, 2, 4.
-fn small_config(sliding_window: Option<u32>) -> ModelConfig {
-    ModelConfig {
-        n_layers: 2,
-        dim: 128,
-        n_heads: 8,
-        n_kv_heads: 4,
-        head_dim: 16,
-        hidden_dim: 256,
-        vocab_size: 1024,
-        sliding_window,
-        ..ModelConfig::tiny()
-    }
-}
-
-fn synth(
-    dir: &std::path::Path,
-    config: ModelConfig,
-    format: CheckpointFormat,
-    dtype: StoredDtype,
-    seed: u64,
-) -> Checkpoint {
-    synthesize(
-        &SynthOptions {
-            config,
-            format,
-            dtype,
-            seed,
-            progress: false,
-        },
-        dir,
-    )
-    .unwrap();
-    Checkpoint::open(dir).unwrap()
-}
 
 fn prompt(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()

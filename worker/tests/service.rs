@@ -3,12 +3,14 @@
 //! collective on loopback. A small "coordinator" below builds plans the way the
 //! engine loop does (chunked prefill, block-table diffs, freeing, preemption).
 
+mod checkpoints;
 mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use checkpoints::small_config;
 use proto::v1::collective_bootstrap::Kind;
 use proto::v1::worker_client::WorkerClient;
 use proto::v1::{
@@ -24,38 +26,20 @@ use worker::local::LocalTpGroup;
 use worker::model::CpuModel;
 use worker::safetensors_io::StoredDtype;
 use worker::service::{run_worker, WorkerConfig, WorkerService};
-use worker::synth::{synthesize, SynthOptions};
-use worker::{CheckpointFormat, ModelConfig};
+use worker::CheckpointFormat;
 
 const BLOCK_SIZE: usize = 4;
 const NUM_BLOCKS: u32 = 64;
 const CHUNK: usize = 5;
 
-fn small_config() -> ModelConfig {
-    ModelConfig {
-        n_layers: 2,
-        dim: 128,
-        n_heads: 8,
-        n_kv_heads: 4,
-        head_dim: 16,
-        hidden_dim: 256,
-        vocab_size: 1024,
-        ..ModelConfig::tiny()
-    }
-}
-
 fn synth(dir: &Path) -> PathBuf {
-    synthesize(
-        &SynthOptions {
-            config: small_config(),
-            format: CheckpointFormat::Mistral,
-            dtype: StoredDtype::F32,
-            seed: 3,
-            progress: false,
-        },
+    checkpoints::synth(
         dir,
-    )
-    .unwrap();
+        small_config(None),
+        CheckpointFormat::Mistral,
+        StoredDtype::F32,
+        3,
+    );
     dir.to_path_buf()
 }
 
@@ -91,7 +75,8 @@ fn free_addrs(n: usize) -> Vec<String> {
 }
 
 fn init_request(model: &Path, tp: u32, rank: u32, peers: &[String], group_id: u64) -> InitRequest {
-    let per_block = CpuModel::kv_bytes_per_block(&small_config(), tp as usize, BLOCK_SIZE) as u64;
+    let per_block =
+        CpuModel::kv_bytes_per_block(&small_config(None), tp as usize, BLOCK_SIZE) as u64;
     InitRequest {
         model_path: model.display().to_string(),
         dtype: "f32".into(),

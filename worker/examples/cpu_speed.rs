@@ -2,8 +2,10 @@
 //! 512-token prompt, and greedy decode at batch 1 and 16, for each weight dtype and
 //! TP (ranks as threads). Prints Markdown rows for `benches/RESULTS.md`.
 //!
-//! Run: `cargo run --release -p worker --example cpu_speed -- [--dtype f32,bf16,int8,q8_0] [--tp 1,2]`
-//! (defaults: f32; TP 1 and 2).
+//! Run: `cargo run --release -p worker --example cpu_speed -- [--dtype f32,bf16,int8,q8_0] [--tp 1,2] [--model PATH]`
+//! (defaults: f32; TP 1 and 2; the embedded model). `--model` takes what
+//! `stral serve --model` takes: a checkpoint folder or a `.gguf` file, so the same
+//! file can be timed here and with llama.cpp's `llama-bench`.
 
 use std::time::Instant;
 
@@ -33,8 +35,13 @@ where
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dtypes: Vec<WeightDtype> = list_arg("--dtype", "f32")?;
     let tps: Vec<usize> = list_arg("--tp", "1,2")?;
-    let dir = worker::embedded::ensure_embedded_model()?;
+    let args: Vec<String> = std::env::args().collect();
+    let dir = match args.iter().position(|a| a == "--model") {
+        Some(i) => args.get(i + 1).ok_or("--model needs a path")?.into(),
+        None => worker::embedded::ensure_embedded_model()?,
+    };
     let ckpt = Checkpoint::open(&dir)?;
+    eprintln!("model: {}", dir.display());
     let bs = 16;
     let vocab = ckpt.config.vocab_size as u32;
     println!("| dtype | TP | phase | batch | tokens | seconds | tokens/s |");

@@ -454,10 +454,13 @@ async fn run(
         sampling: job.generation.sampling.clone(),
         priority: job.generation.priority,
         stop_token_ids: vec![EOS],
+        // A request that opted out of speculation gets no drafts: its prediction is
+        // not tokenized at all.
         prediction: job
             .generation
             .prediction
             .as_deref()
+            .filter(|_| job.generation.speculative)
             .map(|text| state.tokenizer.encode(text))
             .transpose()
             .map_err(|e| AppError::bad_param("prediction", e.to_string()))?,

@@ -496,13 +496,16 @@ async fn metrics_report_requests_tokens_latencies_and_kv_usage() {
         "engine + worker {measured} s > step wall time {wall} s"
     );
     // A step's wall time ends after the engine's bookkeeping that follows the
-    // delivery of its tokens, so the last step may outlast the request by at most that
-    // share (part of the engine's measured time; 61 µs once in CI on 2 busy cores).
+    // delivery of its tokens, and the engine thread can lose its core in between, so
+    // the last step may outlast the request by a tail that no clock of ours bounds
+    // (seen in CI on 2 busy cores: 61 µs, and once 18 µs beyond the engine's whole
+    // measured share). Allowed: one mean step. Double-counted or idle-inclusive step
+    // times would exceed the request by whole steps.
     let e2e = value("stral_e2e_request_latency_seconds_sum");
-    let engine = value("stral_step_engine_seconds_sum");
+    let mean_step = wall / steps;
     assert!(
-        wall <= e2e + engine,
-        "steps took {wall} s within a {e2e} s request (engine share {engine} s)"
+        wall <= e2e + mean_step,
+        "steps took {wall} s within a {e2e} s request (one mean step: {mean_step} s)"
     );
 }
 

@@ -14,19 +14,24 @@ use worker::checkpoint::Checkpoint;
 use worker::local::LocalTpGroup;
 use worker::model::{SeqChunk, StepInput};
 
+/// The value after `flag` on the command line, if `flag` is there.
+fn flag_value(flag: &str) -> Result<Option<String>, String> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == flag) {
+        Some(i) => match args.get(i + 1) {
+            Some(v) => Ok(Some(v.clone())),
+            None => Err(format!("{flag} needs a value")),
+        },
+        None => Ok(None),
+    }
+}
+
 /// The comma-separated values after `flag`, or `default`.
 fn list_arg<T: std::str::FromStr>(flag: &str, default: &str) -> Result<Vec<T>, String>
 where
     T::Err: std::fmt::Display,
 {
-    let args: Vec<String> = std::env::args().collect();
-    let v = match args.iter().position(|a| a == flag) {
-        Some(i) => args
-            .get(i + 1)
-            .ok_or_else(|| format!("{flag} needs a value"))?
-            .as_str(),
-        None => default,
-    };
+    let v = flag_value(flag)?.unwrap_or_else(|| default.to_string());
     v.split(',')
         .map(|s| s.parse().map_err(|e| format!("{flag} {s}: {e}")))
         .collect()
@@ -35,9 +40,8 @@ where
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dtypes: Vec<WeightDtype> = list_arg("--dtype", "f32")?;
     let tps: Vec<usize> = list_arg("--tp", "1,2")?;
-    let args: Vec<String> = std::env::args().collect();
-    let dir = match args.iter().position(|a| a == "--model") {
-        Some(i) => args.get(i + 1).ok_or("--model needs a path")?.into(),
+    let dir = match flag_value("--model")? {
+        Some(path) => path.into(),
         None => worker::embedded::ensure_embedded_model()?,
     };
     let ckpt = Checkpoint::open(&dir)?;
